@@ -1,0 +1,322 @@
+"""One configuration system for every raylm command.
+
+Each stage owns a dataclass of its settings (``PrepareConfig`` in prepare.py, ``TrainConfig`` in
+train.py, ...). Every field is declared with :func:`opt`, which carries a one-line help text; the
+same text becomes ``--help``. Precedence: dataclass defaults < YAML file (``--config``) < flags.
+Unknown keys are errors that name the closest valid key.
+
+    cfg = build_config(TrainConfig, yaml_path="jobs/configs/tiny_cpu.yaml", overrides={"max_steps": 10})
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag_const: Any = None, **kw):
+    """A dataclass field with its help text (and optional choices / bare-flag value)."""
+    meta = {"help": help, "choices": choices, "flag_const": flag_const}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+class ConfigError(ValueError):
+    """A configuration a user must change; the message says what to change."""
+
+
+def _base_type(tp):
+    """Unwrap Optional[X] / X | None to X."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _base_type(args[0])
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on", "y"):
+        return True
+    if low in ("0", "false", "no", "off", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _coerce(name: str, tp, value):
+    """Convert a YAML/CLI value to the field's type, with a message naming the field."""
+    tp = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        origin = typing.get_origin(tp)
+        if origin in (list, tuple):
+            (inner,) = typing.get_args(tp)[:1] or (str,)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [_coerce(name, inner, x.strip() if isinstance(x, str) else x) for x in items]
+            return [x for x in items if x != ""]
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_keys(cls, data: dict, source: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown setting {key!r} in {source}.{hint} Valid settings: {', '.join(names)}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of setting: value")
+    return data
+
+
+def build_config(cls, yaml_path=None, overrides: dict | None = None, yaml_data: dict | None = None):
+    """Defaults < YAML file < overrides (flags). Unknown keys are errors."""
+    types_ = field_types(cls)
+    values: dict[str, Any] = {}
+    layers = []
+    if yaml_path:
+        layers.append((load_yaml(yaml_path), f"config file {yaml_path}"))
+    if yaml_data:
+        layers.append((yaml_data, "config"))
+    if overrides:
+        layers.append((overrides, "flags"))
+    for data, source in layers:
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        _check_keys(cls, data, source)
+        for key, value in data.items():
+            values[key] = _coerce(key, types_[key], value)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg_or_dict, path: str | os.PathLike) -> None:
+    """Write a config as YAML atomically (temporary name, then rename)."""
+    data = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--field`` flag per dataclass field. Flags default to SUPPRESS, so only the flags a
+    user typed appear in the parsed namespace (and override the YAML file)."""
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = _base_type(types_[f.name])
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = meta.get("help", "")
+        if default not in (None, "", []):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if tp is bool:
+            # `--mixed_precision` alone means true; `--flag false` also works.
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        elif meta.get("flag_const") is not None:
+            kwargs.update(nargs="?", const=meta["flag_const"])
+        elif typing.get_origin(tp) in (list, tuple):
+            kwargs.update(nargs="+", metavar="X")
+        else:
+            kwargs["type"] = str  # coerced (with a clear message) by build_config
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace, cls) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+# --------------------------------------------------------------------------------------------
+# The stages' settings. Kept here (not in the stage modules) so `raylm --help` stays fast and
+# a reader finds every setting of every command in one file.
+# --------------------------------------------------------------------------------------------
+
+TOKENIZER_TYPES = ("bpe", "wordpiece", "tiktoken")
+DEFAULT_EXTENSIONS = [".txt", ".md", ".json", ".jsonl"]
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """`raylm prepare`: raw text files -> tokenizer + packed Parquet rows."""
+
+    input_dir: str = opt("", "folder (or s3:// / gs:// URI) of raw text files, searched recursively")
+    output_dir: str = opt("./processed_data", "where tokenizer, dataset/ and metadata.json are written")
+    tokenizer_type: str = opt("bpe", "tokenizer to train: byte-level BPE, WordPiece, or tiktoken",
+                              choices=TOKENIZER_TYPES)
+    vocab_size: int = opt(32000, "tokenizer vocabulary size, special tokens included")
+    max_length: int = opt(2048, "tokens per training row (the model's context length)")
+    num_workers: int = opt(4, "CPU workers that read and tokenize files in parallel")
+    val_fraction: float = opt(0.05, "fraction of documents held out for validation (split by document)")
+    overlap: int = opt(0, "tokens repeated from the end of one row at the start of the next")
+    seed: int = opt(1234, "seed of the train/validation split and of the tokenizer sample")
+    text_field: str = opt("text", "key holding the text in .json / .jsonl records")
+    extensions: list[str] = opt(DEFAULT_EXTENSIONS, "file endings to read, e.g. --extensions .txt .py .c")
+    max_file_mb: float = opt(512.0, "files larger than this (MB) are skipped and reported")
+    encoding_errors: str = opt("strict", "invalid UTF-8: 'strict' skips the file, 'replace' decodes with U+FFFD",
+                               choices=("strict", "replace"))
+    tokenizer_sample_mb: float = opt(64.0, "MB of accepted text sampled to train the tokenizer")
+    tiktoken_encoding: str = opt("", "tiktoken only: a named encoding (gpt2, cl100k_base, o200k_base) or a "
+                                 ".tiktoken file to use instead of training one")
+    min_frequency: int = opt(2, "bpe/wordpiece: a merge must occur this often in the sample")
+    rows_per_shard: int = opt(8192, "rows per Parquet file")
+
+    def __post_init__(self):
+        if self.vocab_size < 260 and self.tokenizer_type != "tiktoken":
+            raise ConfigError(f"vocab_size ({self.vocab_size}) must be at least 260 "
+                              "(256 byte symbols plus special tokens); 32000 is a good default")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length ({self.max_length}) must be at least 2 tokens")
+        if not 0 <= self.overlap < self.max_length:
+            raise ConfigError(f"overlap ({self.overlap}) must be >= 0 and smaller than max_length "
+                              f"({self.max_length})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction ({self.val_fraction}) must be between 0 and 1, e.g. 0.05")
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers ({self.num_workers}) must be at least 1")
+        if self.max_file_mb <= 0 or self.tokenizer_sample_mb <= 0:
+            raise ConfigError("max_file_mb and tokenizer_sample_mb must be positive")
+        self.extensions = [e if e.startswith(".") else f".{e}" for e in (x.lower() for x in self.extensions)]
+
+
+PRECISIONS = ("off", "auto", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """`raylm train`: the model, the optimisation, and where it runs. Model fields left unset come
+    from `model_size`; `max_seq_len` unset comes from the prepared data's max_length."""
+
+    # --- data and output
+    data_dir: str = opt("", "output_dir of `raylm prepare` (local path or s3:// / gs:// URI)")
+    save_dir: str = opt("./checkpoints", "checkpoints, logs, metrics and plots are written here")
+    # --- model
+    model_size: str | None = opt(None, "named size (default tiny): tiny (~20M), small (~125M), medium (~350M), large (~800M), xl (~1.5B)")
+    hidden_size: int | None = opt(None, "width of the network (overrides model_size)")
+    num_layers: int | None = opt(None, "number of transformer blocks")
+    num_heads: int | None = opt(None, "attention heads; must divide hidden_size")
+    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention; omit for standard attention")
+    intermediate_size: int | None = opt(None, "SwiGLU hidden width (default: Llama's rule from hidden_size)")
+    max_seq_len: int | None = opt(None, "longest context the model supports (default: the data's max_length)")
+    rope_theta: float | None = opt(None, "rotary embedding base")
+    dropout: float | None = opt(None, "dropout probability (0 for pre-training)")
+    tie_embeddings: bool | None = opt(None, "share the input embedding with the output layer")
+    # --- optimisation
+    batch_size: int = opt(8, "rows per optimizer step, summed over all workers (global batch)")
+    micro_batch_size: int | None = opt(None, "rows per forward/backward on one worker; "
+                                       "accumulation steps = batch_size / (micro_batch_size x num_workers)")
+    max_steps: int = opt(10000, "optimizer steps to train for")
+    learning_rate: float = opt(3e-4, "peak learning rate after warmup")
+    min_lr: float | None = opt(None, "learning rate at the end of the cosine decay (default: learning_rate / 10)")
+    warmup_steps: int = opt(500, "steps of linear warmup from 0 to learning_rate")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms and biases)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = opt(1234, "seed of the initial weights, data order and dropout")
+    # --- system
+    num_workers: int = opt(1, "training workers (one per GPU with --use_gpu)")
+    use_gpu: bool = opt(False, "train on GPUs (one per worker)")
+    cpus_per_worker: int = opt(1, "CPU cores reserved per worker")
+    mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag means auto (bf16 where supported, "
+                               "else fp16 with loss scaling)", choices=PRECISIONS, flag_const="auto")
+    compile_model: bool = opt(False, "torch.compile the model (warmed up before timing starts)")
+    launcher: str = opt("ray", "ray: Ray Train workers; local: the same loop in this process (1 worker, no Ray)",
+                        choices=("ray", "local"))
+    # --- logging, evaluation, checkpoints
+    log_interval: int = opt(10, "print a Step line every this many steps")
+    eval_interval: int = opt(500, "compute validation loss every this many steps (0 = only at the end)")
+    eval_steps: int = opt(20, "validation batches per evaluation (0 = the whole validation split)")
+    save_interval: int = opt(1000, "write a checkpoint every this many steps (0 = only at the end)")
+    keep_checkpoints: int = opt(3, "keep only the newest this many checkpoint_step_N folders")
+    checkpoint: str = opt("", "resume exactly from this checkpoint_step_N folder (or the newest complete one "
+                          "in this folder)")
+    init_from: str = opt("", "start from these weights (a checkpoint or a Hugging Face Llama folder) with a "
+                         "fresh optimizer and schedule: fine-tuning")
+    max_failures: int = opt(0, "restart from the newest checkpoint this many times if a worker dies")
+    max_nonfinite_steps: int = opt(20, "stop after this many non-finite losses in a row (each one is skipped)")
+    simulate_failure_at_step: int = opt(0, "testing: kill worker rank (num_workers-1) at this step, unless the run "
+                                        "resumed past it (shows fault tolerance)")
+
+    def __post_init__(self):
+        positive = ("batch_size", "max_steps", "num_workers", "cpus_per_worker", "log_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be at least 1")
+        for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate ({self.learning_rate}) must be positive, e.g. 3e-4")
+        if self.min_lr is None:
+            self.min_lr = self.learning_rate / 10
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be between 0 and learning_rate ({self.learning_rate})")
+        if self.micro_batch_size is None:
+            self.micro_batch_size = max(1, self.batch_size // self.num_workers)
+        per_step = self.micro_batch_size * self.num_workers
+        if self.batch_size % per_step:
+            fits = [m for m in range(1, self.batch_size + 1) if self.batch_size % (m * self.num_workers) == 0]
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size}) "
+                f"x num_workers ({self.num_workers}); micro_batch_size could be one of {fits}"
+                if fits else f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
+        if self.launcher == "local" and self.num_workers != 1:
+            raise ConfigError("launcher 'local' runs one worker in this process: set num_workers 1 or launcher ray")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.num_workers)

@@ -1,0 +1,727 @@
+"""`raylm train`: the training loop, run by Ray Train's TorchTrainer (or in this process).
+
+    raylm train --data_dir ./processed_data --save_dir ./checkpoints --model_size tiny \
+        --batch_size 8 --max_steps 10000 --learning_rate 3e-4 --warmup_steps 500
+    ray job submit --working-dir . -- raylm train --config jobs/configs/small_1gpu.yaml
+
+The driver validates everything it can before a worker starts (`plan_run`), then Ray Train starts
+`num_workers` copies of `train_loop_per_worker`, which reads top to bottom: set lr -> micro-steps ->
+clip -> step -> log -> eval -> checkpoint. Pure helpers (`lr_at`) live at module level.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raylm import __version__
+from raylm import checkpoint as ckpt
+from raylm.config import ConfigError, TrainConfig, to_dict
+from raylm.data import BatchPlan, Cursor, PackedRows, Prefetcher, read_metadata
+from raylm.storage import is_remote
+
+# Peak dense bf16 tensor throughput (FLOP/s) of common GPUs, for MFU. Unknown devices: no MFU.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                 "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup to learning_rate over
+    warmup_steps, then cosine decay to min_lr at max_steps."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    for key, peak in GPU_PEAK_BF16.items():
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'off' | 'bf16' | 'fp16'. auto: bf16 on CPU and on GPUs that support it, else fp16."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def dataset_fingerprint(meta: dict) -> dict:
+    """What must match for a resume to continue the same data order."""
+    return {
+        "tokenizer_sha256": meta.get("tokenizer_sha256"),
+        "max_length": meta.get("max_length"),
+        "train_rows": meta["splits"]["train"]["rows"],
+        "val_rows": meta["splits"]["val"]["rows"],
+    }
+
+
+# ----------------------------------------------------------------------------- planning (driver)
+
+
+MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_seq_len",
+                "rope_theta", "dropout", "tie_embeddings")
+
+
+def _checkpoint_model_config(path: Path) -> dict:
+    return ckpt.load_state(path)["model_config"]
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Everything the workers need, decided and validated on the driver."""
+
+    cfg: TrainConfig
+    meta: dict
+    model_config: dict
+    resume_from: str | None  # a verified checkpoint folder
+    init_from: str | None
+    init_kind: str | None  # "checkpoint" | "hf"
+
+
+def plan_run(cfg: TrainConfig) -> RunPlan:
+    """Validate the configuration against the data and any checkpoint, before any worker starts.
+    Every problem is a ConfigError whose message says what to change."""
+    from raylm.model import ModelConfig, model_config_from
+
+    if not cfg.data_dir:
+        raise ConfigError("--data_dir is required: the output_dir of `raylm prepare`")
+    meta = read_metadata(cfg.data_dir)
+    vocab, max_length = int(meta["vocab_size"]), int(meta["max_length"])
+    train_rows = int(meta["splits"]["train"]["rows"])
+    if train_rows < cfg.batch_size:
+        raise ConfigError(f"the training split has {train_rows} rows, fewer than batch_size ({cfg.batch_size}): "
+                          f"lower --batch_size to at most {train_rows} or prepare more text")
+    overrides = {f: getattr(cfg, f) for f in MODEL_FIELDS if getattr(cfg, f) is not None}
+
+    resume_from = None
+    if cfg.checkpoint:
+        resume_from = ckpt.resolve(cfg.checkpoint)
+    elif not is_remote(cfg.save_dir) and ckpt.list_checkpoints(cfg.save_dir):
+        # Ray Train would resume from its own record of this save_dir; make that explicit.
+        found = ckpt.newest_complete(cfg.save_dir, warn=lambda *_: None)
+        if found is not None:
+            raise ConfigError(
+                f"{cfg.save_dir} already holds checkpoints (newest complete: {found.name}). To continue that "
+                f"run, add --checkpoint {found}; to start a new run, choose another --save_dir")
+    init_from, init_kind = None, None
+    if cfg.init_from:
+        if resume_from is not None:
+            raise ConfigError("use either --checkpoint (resume exactly) or --init_from (new run from these "
+                              "weights), not both")
+        p = Path(cfg.init_from)
+        if (p / "config.json").is_file() and (p / "model.safetensors").is_file() and not (p / "state.json").exists():
+            init_kind, init_from = "hf", str(p)
+        else:
+            init_kind, init_from = "checkpoint", str(ckpt.resolve(p))
+
+    if resume_from is not None or init_kind == "checkpoint":
+        source = Path(resume_from or init_from)
+        state = ckpt.load_state(source)
+        saved = dict(state["model_config"])
+        clash = {k: (saved.get(k), v) for k, v in overrides.items() if saved.get(k) != v and k != "dropout"}
+        if clash or (cfg.model_size and cfg.model_size != state.get("model_size", cfg.model_size)):
+            details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in clash.items())
+            raise ConfigError(f"the model settings differ from checkpoint {source} ({details or 'model_size'}); "
+                              "drop those flags to use the checkpoint's model")
+        if "dropout" in overrides:
+            saved["dropout"] = overrides["dropout"]
+        model_config = saved
+        data = state.get("data", {})
+        if data.get("tokenizer_sha256") and data["tokenizer_sha256"] != meta.get("tokenizer_sha256"):
+            raise ConfigError(
+                f"checkpoint {source} was trained with a different tokenizer (sha256 {data['tokenizer_sha256'][:12]}) "
+                f"than {cfg.data_dir} (sha256 {str(meta.get('tokenizer_sha256'))[:12]}). Prepare the new text with "
+                f"the checkpoint's tokenizer: raylm prepare ... --tokenizer_file {source}/{data.get('tokenizer_file')}")
+        if resume_from is not None and state.get("dataset") != dataset_fingerprint(meta):
+            raise ConfigError(f"checkpoint {source} was trained on different data ({state.get('dataset')}) than "
+                              f"{cfg.data_dir} ({dataset_fingerprint(meta)}); to train these weights on new data "
+                              f"use --init_from {source} instead of --checkpoint")
+    elif init_kind == "hf":
+        hf = json.loads((Path(init_from) / "config.json").read_text())
+        model_config = {"vocab_size": hf["vocab_size"]}  # the full config is read by import_hf on the worker
+        model_config = None
+    else:
+        base = model_config_from(cfg.model_size or "tiny", vocab_size=vocab, **overrides)
+        if cfg.max_seq_len is None:
+            base = dataclasses.replace(base, max_seq_len=max_length)
+        model_config = dataclasses.asdict(base)
+
+    if model_config is not None:
+        try:
+            mc = ModelConfig(**model_config)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if mc.vocab_size != vocab:
+            raise ConfigError(f"the model's vocabulary ({mc.vocab_size}) differs from the data's ({vocab}); "
+                              "prepare the data with the model's tokenizer")
+        if mc.max_seq_len < max_length:
+            raise ConfigError(f"the data's rows are {max_length} tokens but the model's max_seq_len is "
+                              f"{mc.max_seq_len}: raise --max_seq_len or prepare with --max_length {mc.max_seq_len}")
+    if cfg.use_gpu and cfg.launcher == "local" and not torch.cuda.is_available():
+        raise ConfigError(_no_cuda_message())
+    return RunPlan(cfg, meta, model_config, str(resume_from) if resume_from else None, init_from, init_kind)
+
+
+def _no_cuda_message() -> str:
+    if torch.version.cuda is None:
+        return ("--use_gpu was given but this PyTorch is a CPU-only build (torch " + torch.__version__ + "). "
+                "Install a CUDA build (pip install torch --index-url https://download.pytorch.org/whl/cu124) "
+                "or drop --use_gpu.")
+    return "--use_gpu was given but no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or drop --use_gpu."
+
+
+# ----------------------------------------------------------------------------- the worker's session
+
+
+class LocalSession:
+    """launcher=local: one worker in this process, checkpoints published straight to save_dir."""
+
+    rank, world_size, local_rank = 0, 1, 0
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.last_checkpoint: str | None = None
+        self.last_metrics: dict = {}
+
+    def latest_checkpoint(self) -> str | None:
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        self.last_metrics = metrics
+        if checkpoint_dir is not None:
+            dest = Path(self.cfg.save_dir) / Path(checkpoint_dir).name
+            self.last_checkpoint = str(ckpt.publish_local(checkpoint_dir, dest))
+            ckpt.prune(self.cfg.save_dir, self.cfg.keep_checkpoints)
+
+
+class RaySession:
+    """launcher=ray: ranks and reporting through ray.train."""
+
+    def __init__(self, cfg: TrainConfig):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size, self.local_rank = (ctx.get_world_rank(), ctx.get_world_size(),
+                                                       ctx.get_local_rank())
+        self.cfg = cfg
+
+    def latest_checkpoint(self) -> str | None:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        return found.path if found is not None else None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        name = Path(checkpoint_dir).name
+        upload = None
+        if not is_remote(self.cfg.save_dir):
+            save_dir = self.cfg.save_dir
+
+            def upload(checkpoint, dir_name):  # temporary name, then rename: never a half checkpoint
+                dest = ckpt.publish_local(checkpoint.path, Path(save_dir) / dir_name)
+                return ray.train.Checkpoint(str(dest))
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+
+
+# ----------------------------------------------------------------------------- worker helpers
+
+
+def _device(session, cfg: TrainConfig) -> torch.device:
+    if cfg.use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError(_no_cuda_message())
+        if cfg.launcher == "ray":
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    # numpy/python states hold tuples of ints: store as tensors/lists so torch.load(weights_only) reads them
+    np_state = state["numpy"]
+    state["numpy"] = [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), *map(int, np_state[2:4]),
+                      float(np_state[4])]
+    py = state["python"]
+    state["python"] = [py[0], list(py[1]), py[2]]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, rows: PackedRows, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int,
+             device: torch.device, autocast) -> tuple[float, int]:
+    """Mean loss per target token over the first ``max_batches`` x micro x world validation rows
+    (all of them if max_batches is 0), split across ranks. Returns (loss, target tokens)."""
+    model.eval()
+    n = len(rows)
+    if max_batches:
+        n = min(n, max_batches * micro_batch_size * world_size)
+    mine = np.arange(rank, n, world_size)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), micro_batch_size):
+        ids, labels = rows.batch(mine[i:i + micro_batch_size])
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast():
+            _, loss_sum = model(ids, labels=labels, loss_reduction="sum")
+        total[0] += loss_sum.double()
+        total[1] += float(rows.target_tokens(mine[i:i + micro_batch_size]))
+    _all_reduce_sum(total, world_size)
+    model.train()
+    loss, count = total.tolist()
+    return (loss / count if count else float("nan")), int(count)
+
+
+CHECKPOINT_DATA_KEYS = ("tokenizer_type", "tokenizer_file", "tokenizer_sha256", "eos_token_id", "pad_token_id",
+                        "vocab_size", "max_length")
+
+
+def _tokenizer_files(meta: dict, data_dir: str) -> dict[str, bytes]:
+    """The tokenizer file travels inside every checkpoint, so generate/eval/export need nothing else."""
+    name = meta.get("tokenizer_file")
+    if not name:
+        return {}
+    if is_remote(data_dir):
+        from raylm.storage import filesystem
+
+        fs, root = filesystem(data_dir)
+        with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
+            return {name: f.read()}
+    return {name: (Path(data_dir) / name).read_bytes()}
+
+
+def build_model(plan_dict: dict, resume_from: str | None):
+    """The model of this run, with its starting weights (resume, init_from, or fresh init)."""
+    from raylm.model import LLMModel, ModelConfig
+
+    if resume_from is None and plan_dict["init_kind"] == "hf":
+        from raylm.export import import_hf
+
+        return import_hf(plan_dict["init_from"])
+    model = LLMModel(ModelConfig(**plan_dict["model_config"]))
+    source = resume_from or (plan_dict["init_from"] if plan_dict["init_kind"] == "checkpoint" else None)
+    if source is not None:
+        model.load_state_dict(ckpt.load_model_state(source), strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One worker's training loop. ``config`` is a plain dict (Ray Tune changes its keys)."""
+    run_worker(config)
+
+
+def run_worker(config: dict, session: LocalSession | RaySession | None = None) -> None:
+    cfg = TrainConfig(**config["train"])
+    meta = config["meta"]
+    if session is None:
+        session = RaySession(cfg) if cfg.launcher == "ray" else LocalSession(cfg)
+    rank, world = session.rank, session.world_size
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    device = _device(session, cfg)
+    precision = resolve_precision(cfg.mixed_precision, device)
+
+    # ---- where to start: a restart after a failure (Ray's newest checkpoint) wins over --checkpoint
+    resume_from = session.latest_checkpoint() or config["resume_from"]
+    if resume_from and ckpt.verify(resume_from) is not None:
+        reason = ckpt.verify(resume_from)
+        fallback = ckpt.newest_complete(Path(resume_from).parent, warn=say)
+        say(f"checkpoint {resume_from} is unusable ({reason}); resuming from {fallback} instead")
+        resume_from = str(fallback) if fallback else None
+    state = ckpt.load_state(resume_from) if resume_from else None
+    start_step = state["step"] if state else 0
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(config, resume_from)
+    model.to(device)
+    model_cfg = model.config
+    from raylm.model import configure_optimizer_groups, flops_per_token
+
+    optimizer = torch.optim.AdamW(configure_optimizer_groups(model, cfg.weight_decay), lr=lr_at(1, cfg),
+                                  betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if state:
+        optimizer.load_state_dict(ckpt.load_optimizer_state(resume_from))
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    seq_len = int(meta["max_length"])
+    train_rows = PackedRows(config["data_dir"], "train", meta)
+    val_rows = PackedRows(config["data_dir"], "val", meta)
+    cursor = Cursor(**state["cursor"]) if state else Cursor()
+    plan = BatchPlan(len(train_rows), cfg.batch_size, cfg.seed, cursor)
+
+    # RNG: restored exactly when the world size matches; otherwise seeded per rank from the step
+    rng_states = ckpt.load_rng_states(resume_from) if resume_from else None
+    if rng_states is not None and len(rng_states) == world:
+        _set_rng_state(rng_states[rank])
+    else:
+        torch.manual_seed(cfg.seed + 1000 * rank + start_step)
+        np.random.seed((cfg.seed + 1000 * rank + start_step) % 2**32)
+        random.seed(cfg.seed + 1000 * rank + start_step)
+
+    compiled = torch.compile(model) if cfg.compile_model else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        runner = compiled
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    logger = None
+    if is_main:
+        from raylm.metrics import MetricsLogger
+
+        log_dir = cfg.save_dir if not is_remote(cfg.save_dir) else tempfile.mkdtemp(prefix="raylm-logs-")
+        logger = MetricsLogger(log_dir, resume_step=start_step)
+    n_params = model.num_params()
+    flops_tok = flops_per_token(model_cfg, seq_len)
+    peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    say("=" * 60)
+    say("Training Configuration")
+    say("=" * 60)
+    say(f"Device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+    say(f"Distributed: {world > 1} (World size: {world})")
+    say(f"Model parameters: {n_params:,} ({model.num_params(exclude_embeddings=True):,} without embeddings)")
+    say(f"Model: hidden {model_cfg.hidden_size}, layers {model_cfg.num_layers}, heads {model_cfg.num_heads}"
+        f" (kv {model_cfg.num_kv_heads or model_cfg.num_heads}), vocab {model_cfg.vocab_size}, context {seq_len}")
+    say(f"Batch size: {cfg.batch_size} (micro: {cfg.micro_batch_size})")
+    say(f"Gradient accumulation steps: {cfg.accumulation_steps}")
+    say(f"Tokens per step: {cfg.batch_size * seq_len:,}")
+    say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}"
+        f" | Compile: {cfg.compile_model}")
+    say(f"Training rows: {len(train_rows):,} | Validation rows: {len(val_rows):,}")
+    if state:
+        say(f"Resumed from {resume_from} at step {start_step} (epoch {cursor.epoch}, row {cursor.position})")
+    elif config["init_from"]:
+        say(f"Initialised from {config['init_from']} (fresh optimizer and schedule)")
+    say("=" * 60)
+
+    prefetch = Prefetcher(train_rows, plan, rank, world, cfg.micro_batch_size, device)
+    nonfinite_total = state.get("nonfinite_steps", 0) if state else 0
+    nonfinite_run = 0
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_tokens, window_targets, window_wait = 0, 0, 0.0
+    t_window = time.perf_counter()
+    warm_tokens, warm_time = 0, 0.0
+    last_val = None
+    step = start_step
+    data_wait = []
+    cursor_now = cursor
+
+    def save(step: int, metrics: dict) -> None:
+        """Gather every rank's RNG, write the checkpoint on rank 0, report it through the session."""
+        rng_all = [_rng_state()]
+        if world > 1:
+            import torch.distributed as dist
+
+            rng_all = [None] * world
+            dist.all_gather_object(rng_all, _rng_state())
+        tmp = None
+        if is_main:
+            tmp = Path(tempfile.mkdtemp(prefix="raylm-ckpt-")) / ckpt.checkpoint_name(step)
+            ckpt.write_checkpoint_files(
+                tmp, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), rng_states=rng_all,
+                state={
+                    "step": step, "cursor": dataclasses.asdict(cursor_now),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "nonfinite_steps": nonfinite_total, "raylm_version": __version__,
+                    "model_config": dataclasses.asdict(model_cfg), "model_size": cfg.model_size,
+                    "train_config": to_dict(cfg), "dataset": dataset_fingerprint(meta), "world_size": world,
+                    "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS}, "metrics": metrics,
+                },
+                extra_files=_tokenizer_files(meta, config["data_dir"]))
+        session.report(metrics, str(tmp) if tmp else None)
+        if tmp is not None:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+
+    try:
+        while step < cfg.max_steps:
+            step += 1
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t_wait = time.perf_counter()
+            micro_batches, n_target, cursor_now = prefetch.next()
+            waited = time.perf_counter() - t_wait
+            data_wait.append(waited)
+            window_wait += waited
+            if cfg.simulate_failure_at_step and step == cfg.simulate_failure_at_step and rank == world - 1 \
+                    and start_step < step:
+                print(f"[rank {rank}] simulating a worker failure at step {step}", file=sys.stderr, flush=True)
+                if cfg.launcher == "local":
+                    raise SimulatedFailure(f"simulated failure at step {step}")
+                os._exit(1)  # the worker process dies, as on a lost machine
+            # -- micro-steps: gradients summed over the whole global batch, loss per target token
+            scale = world / max(n_target, 1)  # DDP averages gradients over ranks; undo that
+            for i, (ids, labels) in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if (world == 1 or last) else runner.no_sync()
+                with sync:
+                    with autocast():
+                        _, loss_sum = runner(ids, labels=labels, loss_reduction="sum")
+                    scaler.scale(loss_sum * scale).backward()
+                window_loss += loss_sum.detach().double()
+            # -- clip, step (skipped when the gradient is not finite)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            finite = bool(torch.isfinite(grad_norm))  # the one host sync per step
+            if finite:
+                scaler.step(optimizer)
+                nonfinite_run = 0
+            else:
+                nonfinite_total += 1
+                nonfinite_run += 1
+                say(f"Step {step}: non-finite loss or gradient, step skipped ({nonfinite_run} in a row)")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite_run} non-finite losses in a row at step {step}: training is unstable. Lower "
+                    f"--learning_rate (now {cfg.learning_rate:g}) or raise --warmup_steps (now {cfg.warmup_steps}); "
+                    "the last good checkpoint is kept in --save_dir")
+            window_tokens += cfg.batch_size * seq_len
+            window_targets += n_target
+
+            # -- log
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                _all_reduce_sum(window_loss, world)
+                dt = time.perf_counter() - t_window
+                train_loss = window_loss.item() / max(1, window_targets)
+                tps = window_tokens / dt if dt > 0 else 0.0
+                if step - start_step > max(2, cfg.log_interval if cfg.compile_model else 1):  # warm windows
+                    warm_tokens += window_tokens
+                    warm_time += dt
+                line = f"Step {step}/{cfg.max_steps} | Loss: {train_loss:.4f} | LR: {lr:.2e} | Tokens/sec: {tps:,.0f}"
+                mfu = None
+                if peak:
+                    mfu = flops_tok * tps / (peak * world)
+                    line += f" | MFU: {100 * mfu:.1f}%"
+                say(line)
+                if logger:
+                    logger.log(step, loss=train_loss, lr=lr, tokens_per_sec=tps, grad_norm=float(grad_norm),
+                               mfu=mfu, data_wait_frac=window_wait / dt if dt > 0 else None)
+                window_loss.zero_()
+                window_tokens, window_targets, window_wait = 0, 0, 0.0
+                t_window = time.perf_counter()
+
+            # -- evaluate
+            do_eval = (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps
+            do_save = (cfg.save_interval and step % cfg.save_interval == 0) or step == cfg.max_steps
+            metrics = {"step": step, "lr": lr}
+            if do_eval:
+                t_eval = time.perf_counter()
+                eval_model = compiled
+                last_val, _ = evaluate(eval_model, val_rows, micro_batch_size=cfg.micro_batch_size,
+                                       max_batches=cfg.eval_steps, rank=rank, world_size=world, device=device,
+                                       autocast=autocast)
+                say(f"Validation Loss: {last_val:.4f} | Perplexity: {math.exp(min(last_val, 50)):.2f}")
+                metrics.update(val_loss=last_val, val_perplexity=math.exp(min(last_val, 50)))
+                if logger:
+                    logger.log(step, val_loss=last_val, val_perplexity=math.exp(min(last_val, 50)))
+                    logger.plot()
+                t_window += time.perf_counter() - t_eval  # evaluation time is not training throughput
+            if do_save:
+                t_save = time.perf_counter()
+                save(step, metrics)
+                t_window += time.perf_counter() - t_save
+            elif do_eval:
+                session.report(metrics)
+    finally:
+        prefetch.close()
+        if logger:
+            logger.close()
+    if is_main:
+        waits = np.array(data_wait[1:] or [0.0])
+        summary = {"tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
+                   "data_wait_p95_s": float(np.percentile(waits, 95)), "nonfinite_steps": nonfinite_total,
+                   "final_val_loss": last_val}
+        if logger:
+            from raylm.storage import atomic_write_json
+
+            atomic_write_json(Path(logger.dir) / "summary.json", summary)
+            if is_remote(cfg.save_dir):
+                import pyarrow.fs as pafs
+
+                from raylm.storage import filesystem
+
+                fs, root = filesystem(cfg.save_dir)
+                pafs.copy_files(str(logger.dir), root, destination_filesystem=fs)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_dir: str | None  # save_dir/final: the last checkpoint, at a stable path
+    checkpoint: str | None  # the last checkpoint_step_N
+    metrics: dict
+
+
+def worker_config(plan: RunPlan) -> dict:
+    """The dict each worker receives (Ray Tune samples keys of ``train``)."""
+    return {"train": to_dict(plan.cfg), "meta": plan.meta, "model_config": plan.model_config,
+            "resume_from": plan.resume_from, "init_from": plan.init_from, "init_kind": plan.init_kind,
+            "data_dir": plan.cfg.data_dir}
+
+
+def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str | None = None):
+    """The TorchTrainer of this run. `raylm tune` builds its trials with this same function."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = plan.cfg
+    save_dir = cfg.save_dir if is_remote(cfg.save_dir) else os.path.abspath(cfg.save_dir)
+    if storage_path is None:
+        storage_path, name = save_dir.rstrip("/").rsplit("/", 1)
+    resources = {"CPU": cfg.cpus_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_config(plan),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources | ({"GPU": 1} if cfg.use_gpu else {})),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+
+
+def _check_cluster_fits(cfg: TrainConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.use_gpu and total.get("GPU", 0) < cfg.num_workers:
+        have = int(total.get("GPU", 0))
+        if have == 0:
+            raise ConfigError("--use_gpu was given but the Ray cluster has no GPU. " + (
+                _no_cuda_message() if not torch.cuda.is_available() else
+                "Start Ray on the GPU machine (ray start --head --num-gpus N) or drop --use_gpu."))
+        raise ConfigError(f"--num_workers {cfg.num_workers} with --use_gpu needs {cfg.num_workers} GPUs; the cluster "
+                          f"has {have}: use --num_workers {have}")
+    need = cfg.num_workers * cfg.cpus_per_worker
+    if total.get("CPU", 0) < need:
+        raise ConfigError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs needs {need} CPUs; the Ray cluster "
+                          f"has {int(total.get('CPU', 0))}: lower --num_workers or --cpus_per_worker")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Validate, train on Ray (or locally), and publish the last checkpoint as save_dir/final."""
+    plan = plan_run(cfg)
+    if not is_remote(cfg.save_dir):
+        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.launcher == "local":
+        result_ckpt, metrics = _train_local(plan)
+    else:
+        from raylm.runtime import ensure_ray
+
+        ensure_ray()
+        _check_cluster_fits(cfg)
+        trainer = build_trainer(plan)
+        from ray.train import TrainingFailedError
+
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise TrainingError(_explain_failure(e, cfg)) from None
+        result_ckpt = result.checkpoint.path if result.checkpoint else None
+        metrics = dict(result.metrics or {})
+    final_dir = None
+    if result_ckpt and not is_remote(cfg.save_dir):
+        final_dir = str(ckpt.publish_local(result_ckpt, Path(cfg.save_dir) / "final"))
+        print(f"Final model: {final_dir}")
+    return TrainResult(final_dir, result_ckpt, metrics)
+
+
+def _train_local(plan: RunPlan) -> tuple[str | None, dict]:
+    """launcher=local: the same loop in this process; checkpoints go straight to save_dir."""
+    session = LocalSession(plan.cfg)
+    run_worker(worker_config(plan), session)
+    return session.last_checkpoint, session.last_metrics
+
+
+class SimulatedFailure(RuntimeError):
+    """Raised by --simulate_failure_at_step under launcher=local (Ray workers exit instead)."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says why and what is kept."""
+
+
+def _explain_failure(err, cfg: TrainConfig) -> str:
+    """One or two lines a person can act on, instead of a 200-line traceback."""
+    text = str(err)
+    newest = None if is_remote(cfg.save_dir) else ckpt.newest_complete(cfg.save_dir, warn=lambda *_: None)
+    kept = f" The newest complete checkpoint is {newest} (resume with --checkpoint {newest})." if newest else ""
+    if "out of memory" in text.lower():
+        smaller = max(1, cfg.micro_batch_size // 2)
+        return (f"out of memory with micro_batch_size {cfg.micro_batch_size}: try --micro_batch_size {smaller} "
+                f"(the global --batch_size {cfg.batch_size} stays the same through accumulation).{kept}")
+    if "non-finite" in text:
+        line = next((ln for ln in text.splitlines() if "non-finite" in ln), text)
+        return line.split("FloatingPointError:")[-1].strip() + kept
+    if "Address already in use" in text:
+        return ("a port raylm/Ray needs is already in use (another training run?). Stop it, or connect to the "
+                f"running Ray with RAY_ADDRESS=auto.{kept}")
+    failures = f"after {cfg.max_failures} restart(s) " if cfg.max_failures else ""
+    first = [ln for ln in text.splitlines() if ln.strip()][-1:] or [text]
+    return (f"training failed {failures}(raise --max_failures to allow more restarts): {first[0].strip()}{kept}")

@@ -171,10 +171,13 @@ def publish_local(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(dest)
-    shutil.copytree(src, tmp)
-    if dest.exists():  # same step saved again (e.g. after a restart): replace it
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    try:
+        shutil.copytree(src, tmp)
+        if dest.exists():  # same step saved again (e.g. after a restart): replace it
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

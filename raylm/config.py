@@ -286,8 +286,8 @@ class TrainConfig:
                          "fresh optimizer and schedule: fine-tuning")
     max_failures: int = opt(0, "restart from the newest checkpoint this many times if a worker dies")
     max_nonfinite_steps: int = opt(20, "stop after this many non-finite losses in a row (each one is skipped)")
-    simulate_failure_at_step: int = opt(0, "testing: kill worker rank (num_workers-1) at this step, unless the run "
-                                        "resumed past it (shows fault tolerance)")
+    simulate_failure_at_step: int = opt(0, "testing: kill the last worker at this step, once per save_dir (to see "
+                                        "--max_failures restart from the newest checkpoint)")
 
     def __post_init__(self):
         positive = ("batch_size", "max_steps", "num_workers", "cpus_per_worker", "log_interval", "keep_checkpoints")

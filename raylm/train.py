@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 of all parameters' bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def p95_wait_fraction(waits: list[float], step_times: list[float]) -> float | None:
+    """p95 of the time a step waited for its batch, as a fraction of the median step time
+    (the first step, which includes start-up and compilation, is left out)."""
+    if len(waits) < 3:
+        return None
+    return float(np.percentile(waits[1:], 95) / max(np.median(step_times[1:]), 1e-9))
 
 
 def gpu_peak_flops(name: str) -> float | None:
@@ -96,6 +116,7 @@ class RunPlan:
     resume_from: str | None  # a verified checkpoint folder
     init_from: str | None
     init_kind: str | None  # "checkpoint" | "hf"
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # marks this run's checkpoints
 
 
 def plan_run(cfg: TrainConfig) -> RunPlan:
@@ -157,11 +178,12 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
                               f"{cfg.data_dir} ({dataset_fingerprint(meta)}); to train these weights on new data "
                               f"use --init_from {source} instead of --checkpoint")
     elif init_kind == "hf":
-        hf = json.loads((Path(init_from) / "config.json").read_text())
-        model_config = {"vocab_size": hf["vocab_size"]}  # the full config is read by import_hf on the worker
-        model_config = None
+        model_config = None  # import_hf reads (and checks) the folder's config.json on the worker
     else:
-        base = model_config_from(cfg.model_size or "tiny", vocab_size=vocab, **overrides)
+        try:
+            base = model_config_from(cfg.model_size or "tiny", vocab_size=vocab, **overrides)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if cfg.max_seq_len is None:
             base = dataclasses.replace(base, max_seq_len=max_length)
         model_config = dataclasses.asdict(base)
@@ -338,6 +360,39 @@ def _tokenizer_files(meta: dict, data_dir: str) -> dict[str, bytes]:
     return {name: (Path(data_dir) / name).read_bytes()}
 
 
+def pick_resume_checkpoint(config: dict, session, say) -> str | None:
+    """Where this attempt starts: the newest complete checkpoint of this run (after a restart),
+    else --checkpoint, else nowhere. Ray's record of the latest checkpoint can lag a report that
+    was in flight when a worker died, so this run's own checkpoints in save_dir are looked at too
+    (recognised by the run id in their state.json); an incomplete one is never used."""
+    candidates = []
+    for path in (session.latest_checkpoint(), config["resume_from"]):
+        if path and ckpt.verify(path) is None:
+            candidates.append(Path(path))
+        elif path:
+            say(f"checkpoint {path} is unusable ({ckpt.verify(path)}); looking for an older complete one")
+    save_dir = config["train"]["save_dir"]
+    if not is_remote(save_dir):
+        for _, path in ckpt.list_checkpoints(save_dir):
+            if ckpt.verify(path) is None and ckpt.load_state(path).get("run_id") == config["run_id"]:
+                candidates.append(path)
+                break
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: ckpt.load_state(p)["step"]))
+
+
+def _first_simulated_failure(cfg: TrainConfig) -> bool:
+    """--simulate_failure_at_step fails once per save_dir (a marker file records it), so the
+    restarted attempt runs through, as after a real lost machine."""
+    marker = Path(cfg.save_dir) / ".simulated_failure_done"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
+
+
 def build_model(plan_dict: dict, resume_from: str | None):
     """The model of this run, with its starting weights (resume, init_from, or fresh init)."""
     from raylm.model import LLMModel, ModelConfig
@@ -368,17 +423,21 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         session = RaySession(cfg) if cfg.launcher == "ray" else LocalSession(cfg)
     rank, world = session.rank, session.world_size
     is_main = rank == 0
-    say = print if is_main else (lambda *a, **k: None)
+
+    def say(line: str) -> None:
+        """Rank 0 writes plain lines (Ray Train's print patch would route them through logging)."""
+        if is_main:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    if cfg.launcher == "ray":
+        import logging
+
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Reporting training result" lines
     device = _device(session, cfg)
     precision = resolve_precision(cfg.mixed_precision, device)
 
-    # ---- where to start: a restart after a failure (Ray's newest checkpoint) wins over --checkpoint
-    resume_from = session.latest_checkpoint() or config["resume_from"]
-    if resume_from and ckpt.verify(resume_from) is not None:
-        reason = ckpt.verify(resume_from)
-        fallback = ckpt.newest_complete(Path(resume_from).parent, warn=say)
-        say(f"checkpoint {resume_from} is unusable ({reason}); resuming from {fallback} instead")
-        resume_from = str(fallback) if fallback else None
+    resume_from = pick_resume_checkpoint(config, session, say)
     state = ckpt.load_state(resume_from) if resume_from else None
     start_step = state["step"] if state else 0
 
@@ -462,7 +521,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     warm_tokens, warm_time = 0, 0.0
     last_val = None
     step = start_step
-    data_wait = []
+    data_wait, step_times = [], []
     cursor_now = cursor
 
     def save(step: int, metrics: dict) -> None:
@@ -481,7 +540,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                 state={
                     "step": step, "cursor": dataclasses.asdict(cursor_now),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "nonfinite_steps": nonfinite_total, "raylm_version": __version__,
+                    "nonfinite_steps": nonfinite_total, "raylm_version": __version__, "run_id": config["run_id"],
                     "model_config": dataclasses.asdict(model_cfg), "model_size": cfg.model_size,
                     "train_config": to_dict(cfg), "dataset": dataset_fingerprint(meta), "world_size": world,
                     "data": {k: meta.get(k) for k in CHECKPOINT_DATA_KEYS}, "metrics": metrics,
@@ -497,14 +556,14 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t_wait = time.perf_counter()
+            t_wait = t_step = time.perf_counter()
             micro_batches, n_target, cursor_now = prefetch.next()
             waited = time.perf_counter() - t_wait
             data_wait.append(waited)
             window_wait += waited
             if cfg.simulate_failure_at_step and step == cfg.simulate_failure_at_step and rank == world - 1 \
-                    and start_step < step:
-                print(f"[rank {rank}] simulating a worker failure at step {step}", file=sys.stderr, flush=True)
+                    and _first_simulated_failure(cfg):
+                sys.stderr.write(f"[rank {rank}] simulating a worker failure at step {step}\n")
                 if cfg.launcher == "local":
                     raise SimulatedFailure(f"simulated failure at step {step}")
                 os._exit(1)  # the worker process dies, as on a lost machine
@@ -538,6 +597,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                     "the last good checkpoint is kept in --save_dir")
             window_tokens += cfg.batch_size * seq_len
             window_targets += n_target
+            step_times.append(time.perf_counter() - t_step)
 
             # -- log
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -587,11 +647,23 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         prefetch.close()
         if logger:
             logger.close()
+    # Every rank must end with the same weights (DDP keeps them in step); record the evidence.
+    checksum = [weights_checksum(model)]
+    if world > 1:
+        import torch.distributed as dist
+
+        checksum = [None] * world
+        dist.all_gather_object(checksum, weights_checksum(model))
     if is_main:
         waits = np.array(data_wait[1:] or [0.0])
-        summary = {"tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
-                   "data_wait_p95_s": float(np.percentile(waits, 95)), "nonfinite_steps": nonfinite_total,
-                   "final_val_loss": last_val}
+        summary = {"start_step": start_step, "final_step": step, "world_size": world,
+                   "tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
+                   "data_wait_p95_s": float(np.percentile(waits, 95)),
+                   "data_wait_p95_fraction": p95_wait_fraction(data_wait, step_times),
+                   "nonfinite_steps": nonfinite_total, "final_val_loss": last_val,
+                   "rank_weight_checksums": checksum, "ranks_identical": len(set(checksum)) == 1}
+        if len(set(checksum)) != 1:
+            say(f"WARNING: ranks ended with different weights: {checksum}")
         if logger:
             from raylm.storage import atomic_write_json
 
@@ -619,7 +691,7 @@ def worker_config(plan: RunPlan) -> dict:
     """The dict each worker receives (Ray Tune samples keys of ``train``)."""
     return {"train": to_dict(plan.cfg), "meta": plan.meta, "model_config": plan.model_config,
             "resume_from": plan.resume_from, "init_from": plan.init_from, "init_kind": plan.init_kind,
-            "data_dir": plan.cfg.data_dir}
+            "data_dir": plan.cfg.data_dir, "run_id": plan.run_id}
 
 
 def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str | None = None):

@@ -1,0 +1,497 @@
+"""A Llama-style decoder-only language model in plain single-device PyTorch.
+
+RMSNorm -> rotary embeddings -> grouped-query attention -> SwiGLU -> pre-norm block -> model.
+The architecture is Llama's exactly (including the "rotate_half" rotary layout), so weights map
+one-to-one onto `transformers.LlamaForCausalLM` (see `raylm/export.py`). Nothing here knows about
+Ray, DDP or autocast: parallelism and precision are applied from outside by the training loop.
+
+    from raylm.model import LLMModel, model_config_from
+    model = LLMModel(model_config_from("tiny", vocab_size=8000))
+    logits, loss = model(x, labels=x)        # the next-token shift happens inside the model
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label value whose position contributes no loss (padding, masked prompts)
+
+# One (keys, values) pair per layer, each (B, n_kv_heads, max_cache_len, head_dim), written in place.
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def llama_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
+    """Llama's MLP width: 2/3 of 4*hidden (so SwiGLU's three matrices cost what a 4x MLP's two do),
+    rounded up to a multiple of `multiple_of` for matmul efficiency. 768 -> 2048, 1024 -> 2816."""
+    return multiple_of * math.ceil(int(8 * hidden_size / 3) / multiple_of)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of an `LLMModel`. The defaults are the "tiny" size (~22M parameters)."""
+
+    vocab_size: int = 32000  # number of token ids (embedding rows); ids must be < vocab_size
+    hidden_size: int = 384  # width of the residual stream, in features
+    num_layers: int = 6  # number of transformer blocks
+    num_heads: int = 6  # query heads per attention layer; head_dim = hidden_size / num_heads
+    num_kv_heads: int | None = 2  # key/value heads (grouped-query attention); None = num_heads (MHA)
+    intermediate_size: int | None = None  # SwiGLU hidden width, in features; None = Llama's rule
+    max_seq_len: int = 1024  # longest sequence (prompt + generated), in tokens
+    rope_theta: float = 10000.0  # rotary embedding base wavelength, in positions
+    norm_eps: float = 1e-5  # RMSNorm epsilon added to the mean square
+    tie_embeddings: bool = True  # share one matrix between the input embedding and the lm_head
+    dropout: float = 0.0  # probability, applied to attention weights and residual branches in training
+    init_std: float = 0.02  # standard deviation of the normal weight initialisation
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = llama_intermediate_size(self.hidden_size)
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "intermediate_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}): "
+                f"choose num_heads from {_divisors(self.hidden_size)}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = hidden_size / num_heads = {self.head_dim} must be even for rotary "
+                f"embeddings: change hidden_size ({self.hidden_size}) or num_heads ({self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads}): "
+                f"choose num_kv_heads from {_divisors(self.num_heads)}"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        """Features per attention head."""
+        return self.hidden_size // self.num_heads
+
+
+# Shapes of the named sizes; every other field keeps its ModelConfig default. Parameter counts
+# at vocab 32000 with tied embeddings (total / without embeddings): tiny 21.7M / 9.4M,
+# small 125.3M / 100.7M, medium 348.4M / 315.7M, large 804.2M / 755.1M, xl 1508.5M / 1443.0M.
+# head_dim is 64 up to medium and 128 above (better for flash-attention kernels).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2},
+    "small": {"hidden_size": 768, "num_layers": 16, "num_heads": 12, "num_kv_heads": 4},
+    "medium": {"hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_heads": 4},
+    "large": {"hidden_size": 1536, "num_layers": 30, "num_heads": 12, "num_kv_heads": 4},
+    "xl": {"hidden_size": 2048, "num_layers": 32, "num_heads": 16, "num_kv_heads": 4},
+}
+
+
+def model_config_from(size: str | None, **overrides) -> ModelConfig:
+    """The config of a named size (or the defaults when `size` is None) with `overrides` applied.
+
+    Overrides whose value is None are ignored, so unset command-line flags can be passed through.
+    """
+    if size is not None and size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}: choose from {', '.join(MODEL_SIZES)}")
+    fields = dict(MODEL_SIZES[size]) if size is not None else {}
+    fields.update({key: value for key, value in overrides.items() if value is not None})
+    return ModelConfig(**fields)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token, for MFU.
+
+    PaLM (Chowdhery et al. 2022), appendix B: 6 * N + 12 * L * H * Q * T, where N counts the
+    matmul parameters (attention and MLP projections of every layer plus the lm_head; not the
+    embedding lookup, not norms), L = num_layers, H * Q = num_heads * head_dim = hidden_size and
+    T = seq_len. 6N is 2 FLOPs per multiply-add times 3 for forward + backward; the second term is
+    the attention scores (QK^T) and weighted values (AV), counted for the full (non-causal) T x T
+    matrix as PaLM does.
+    """
+    c = config
+    attention = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.hidden_size**2
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    matmul_params = c.num_layers * (attention + mlp) + c.hidden_size * c.vocab_size
+    return 6.0 * matmul_params + 12.0 * c.num_layers * c.hidden_size * seq_len
+
+
+def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Number of positions that contribute to the loss of `LLMModel.forward(x, labels)`, i.e. labels
+    after the next-token shift that are not IGNORE_INDEX. A 0-d int64 tensor (no host sync)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: Llama's (non-interleaved) layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, n_heads, head_dim) by positions' angles cos, sin (T, head_dim), in fp32."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim): broadcast over heads
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of logits (B, vocab) -> (B,). temperature 0 means greedy (argmax).
+
+    top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens whose
+    probability reaches p (nucleus sampling; the most likely token is always kept).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean subtraction, no bias), computed in fp32 like HF Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+        return self.weight * normed
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary position embeddings for positions [0, max_seq_len), in fp32.
+
+    Non-persistent buffers: recomputed on construction, never stored in checkpoints. model.to(dtype)
+    casts them too, which matches HF Llama (it casts its tables to the activations' dtype).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the tables in place, e.g. after `to_empty()` from the meta device."""
+        device = self.cos.device
+        exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)  # (head_dim / 2,)
+        positions = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)  # (max_seq_len, head_dim / 2)
+        angles = torch.cat((angles, angles), dim=-1)  # (max_seq_len, head_dim): rotate_half layout
+        with torch.no_grad():
+            self.cos.copy_(angles.cos())
+            self.sin.copy_(angles.sin())
+
+    def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (seq_len, head_dim) for positions start_pos .. start_pos + seq_len - 1."""
+        return self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len]
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention where groups of num_heads / num_kv_heads query heads share one
+    key/value head. One fused Linear produces q, k and v."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        """x (B, T, hidden) at positions start_pos.. -> (B, T, hidden). With kv_cache, this step's
+        keys/values are written into it at [start_pos, start_pos + T) and all cached ones attended."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = apply_rotary(q.view(B, T, self.num_heads, self.head_dim), cos, sin)  # (B, T, n_heads, hd)
+        k = apply_rotary(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # (B, T, n_kv, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
+
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache  # (B, n_kv, max_cache_len, hd)
+            end = start_pos + T
+            k_cache[:, :, start_pos:end] = k
+            v_cache[:, :, start_pos:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, n_kv, S, hd), S = start_pos + T
+            if T == 1:  # one new token sees every cached position
+                is_causal = False
+            elif start_pos > 0:  # several new tokens after a prefix: causal, offset by start_pos
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+                is_causal = False
+        # SDPA's enable_gqa shares each k/v head across its query group without copying, but only
+        # the flash (fp16/bf16) and math kernels support it; in fp32, repeat k/v per query group so
+        # that the memory-efficient kernel stays eligible on GPU.
+        enable_gqa = self.num_kv_heads != self.num_heads and q.dtype in (torch.float16, torch.bfloat16)
+        if self.num_kv_heads != self.num_heads and not enable_gqa:
+            groups = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, S, hd)
+            v = v.repeat_interleave(groups, dim=1)  # (B, n_heads, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=enable_gqa,
+        )  # (B, n_heads, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one Linear."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = GroupedQueryAttention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class LLMModel(nn.Module):
+    """Llama-style causal language model: embed -> blocks -> RMSNorm -> lm_head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation: every matrix ~ N(0, init_std), the residual output projections
+        (attention o_proj, MLP down_proj) scaled by 1/sqrt(2 * num_layers) so the residual stream's
+        variance does not grow with depth; norms at 1. Also ties the lm_head to the embedding when
+        configured and recomputes the rotary tables, so `to_empty()` from meta + init_weights() works."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    def _hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        """input_ids (B, T) -> final normed hidden states (B, T, hidden)."""
+        T = input_ids.size(1)
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(
+                f"positions up to {start_pos + T} exceed max_seq_len ({self.config.max_seq_len}): "
+                "use shorter sequences or a model with a larger max_seq_len"
+            )
+        cos, sin = self.rotary(start_pos, T)  # (T, head_dim) each
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache[i] if kv_cache is not None else None, start_pos)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        loss_reduction: str = "mean",
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids (B, T) -> (logits (B, T, vocab), loss or None).
+
+        labels (B, T) are aligned with input_ids (pass labels=input_ids): logits at position t are
+        scored against labels[t + 1]. Labels equal to IGNORE_INDEX (-100) add no loss. The loss is
+        computed in fp32; "mean" averages over target tokens (nan if there are none), "sum" adds
+        them up so the caller can divide by a token count gathered across micro-batches/workers
+        (see count_target_tokens). kv_cache/start_pos are for incremental decoding (new_kv_cache).
+        """
+        logits = self.lm_head(self._hidden_states(input_ids, kv_cache, start_pos))  # (B, T, vocab)
+        if labels is None:
+            return logits, None
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f'loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
+        # Shift the labels left instead of slicing the logits, which would copy the (B, T, vocab) tensor.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=loss_reduction
+        )
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        """Zeroed keys/values for `batch_size` sequences of up to max_seq_len (default the model's)
+        tokens, on the model's device and in its dtype."""
+        c, weight = self.config, self.embed_tokens.weight
+        shape = (batch_size, c.num_kv_heads, max_seq_len or c.max_seq_len, c.head_dim)
+        return [
+            (torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+             torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+            for _ in range(c.num_layers)
+        ]
+
+    @torch.no_grad()
+    def stream_tokens(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sequence, (B,) per step, after the prompts input_ids (B, T).
+
+        Sampling as in sample_next_token. Once a sequence has produced eos_token_id it yields
+        eos_token_id; the stream ends when every sequence has, or after max_new_tokens steps.
+        All prompts have the same length (no padding). Call model.eval() first to disable dropout.
+        """
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt length ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                f"({self.config.max_seq_len}): shorten the prompt or ask for fewer tokens"
+            )
+        kv_cache = self.new_kv_cache(B, T + max_new_tokens) if use_cache else None
+        tokens = input_ids  # everything so far; only fed to the model again when not caching
+        step_input, start_pos = input_ids, 0
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            hidden = self._hidden_states(step_input if use_cache else tokens, kv_cache, start_pos)
+            next_token = sample_next_token(self.lm_head(hidden[:, -1]), temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(done, eos_token_id)
+                done = done | (next_token == eos_token_id)
+            yield next_token
+            if eos_token_id is not None and bool(done.all()):
+                return
+            if use_cache:
+                start_pos += step_input.size(1)
+                step_input = next_token[:, None]  # (B, 1)
+            else:
+                tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """The prompts input_ids (B, T) followed by up to max_new_tokens generated tokens,
+        (B, T + n) with n <= max_new_tokens (see stream_tokens)."""
+        new_tokens = list(self.stream_tokens(
+            input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator, use_cache
+        ))
+        return torch.cat([input_ids] + [token[:, None] for token in new_tokens], dim=1)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, tied weights counted once. exclude_embeddings leaves out the
+        vocabulary matrices (input embedding and, when untied, lm_head): blocks + final norm."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+
+def configure_optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices (linear weights and the embedding, as in
+    nanoGPT: decaying the embedding keeps the tied lm_head bounded), none on 1-D parameters
+    (norm gains, biases) where shrinking toward 0 only fights the normalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]

@@ -1,0 +1,69 @@
+"""Checkpoints are complete or ignored; tied weights survive; retention keeps the newest."""
+import json
+
+import pytest
+import torch
+
+from raylm import checkpoint as ckpt
+from raylm.config import ConfigError
+
+
+def _write(save_dir, step, tied=False):
+    w = torch.randn(4, 3)
+    state = {"a.weight": w, "b.weight": w if tied else torch.randn(4, 3)}
+    tmp = save_dir / f".tmp{step}" / ckpt.checkpoint_name(step)
+    ckpt.write_checkpoint_files(tmp, model_state=state, optimizer_state={"state": {}, "param_groups": []},
+                                rng_states=[{"torch": torch.get_rng_state()}], state={"step": step},
+                                extra_files={"tokenizer.json": b"{}"})
+    return ckpt.publish_local(tmp, save_dir / ckpt.checkpoint_name(step)), state
+
+
+def test_truncated_newest_checkpoint_is_never_picked(tmp_path):
+    _write(tmp_path, 5)
+    newest, _ = _write(tmp_path, 10)
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a kill during the copy
+    assert ckpt.verify(newest) and "truncated" in ckpt.verify(newest)
+    assert ckpt.newest_complete(tmp_path, warn=lambda *_: None).name == "checkpoint_step_5"
+    assert ckpt.resolve(tmp_path, warn=lambda *_: None).name == "checkpoint_step_5"
+    with pytest.raises(ConfigError, match="newest complete checkpoint there is .*checkpoint_step_5"):
+        ckpt.resolve(newest)
+
+
+def test_missing_manifest_means_unfinished(tmp_path):
+    path, _ = _write(tmp_path, 3)
+    (path / "manifest.json").unlink()
+    assert "did not finish" in ckpt.verify(path)
+    assert ckpt.newest_complete(tmp_path, warn=lambda *_: None) is None
+
+
+def test_tied_weights_round_trip_and_files_are_safe(tmp_path):
+    path, state = _write(tmp_path, 1, tied=True)
+    loaded = ckpt.load_model_state(path)
+    assert torch.equal(loaded["a.weight"], state["a.weight"])
+    assert loaded["b.weight"] is loaded["a.weight"]
+    # every non-safetensors file loads with weights_only=True (no arbitrary unpickling)
+    assert ckpt.load_optimizer_state(path) == {"state": {}, "param_groups": []}
+    assert len(ckpt.load_rng_states(path)) == 1
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "tokenizer.json"}
+
+
+def test_publish_leaves_no_partial_folder_on_failure(tmp_path, monkeypatch):
+    src, _ = _write(tmp_path / "a", 1)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.os, "replace", boom)
+    with pytest.raises(OSError):
+        ckpt.publish_local(src, tmp_path / "b" / "checkpoint_step_1")
+    assert list((tmp_path / "b").iterdir()) == []  # neither the checkpoint nor a temporary copy
+
+
+def test_prune_keeps_newest_complete(tmp_path):
+    for s in (1, 2, 3, 4):
+        _write(tmp_path, s)
+    removed = ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["checkpoint_step_1", "checkpoint_step_2"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 3]

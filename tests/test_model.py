@@ -1,0 +1,322 @@
+"""Behaviour of raylm.model on tiny CPU models: shapes, causality, masking, generation, training."""
+
+import math
+
+import pytest
+import torch
+
+from raylm.model import (
+    IGNORE_INDEX,
+    MODEL_SIZES,
+    LLMModel,
+    ModelConfig,
+    configure_optimizer_groups,
+    count_target_tokens,
+    flops_per_token,
+    model_config_from,
+    sample_next_token,
+)
+
+VOCAB = 97
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> LLMModel:
+    torch.manual_seed(seed)
+    return LLMModel(tiny_config(**overrides)).eval()
+
+
+def random_tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def test_config_rejects_kv_heads_that_do_not_divide_heads():
+    with pytest.raises(ValueError, match=r"num_heads \(12\) must be divisible by num_kv_heads \(5\): "
+                                         r"choose num_kv_heads from 1, 2, 3, 4, 6, 12"):
+        ModelConfig(hidden_size=768, num_heads=12, num_kv_heads=5)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(hidden_size=100, num_heads=12), r"hidden_size \(100\) must be divisible by num_heads \(12\): "
+                                          r"choose num_heads from 1, 2, 4, 5, 10, 20, 25, 50, 100"),
+    (dict(hidden_size=60, num_heads=4, num_kv_heads=None), r"head_dim .* = 15 must be even"),
+    (dict(num_layers=0), r"num_layers must be a positive integer, got 0"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(rope_theta=0.0), r"rope_theta must be > 0"),
+])
+def test_config_rejects_invalid_shapes_and_says_what_to_change(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**fields)
+
+
+def test_config_resolves_defaults():
+    config = ModelConfig(hidden_size=768, num_heads=12, num_kv_heads=None, intermediate_size=None)
+    assert config.num_kv_heads == 12  # None means standard multi-head attention
+    assert config.intermediate_size == 2048  # 8/3 * 768 rounded up to a multiple of 256
+    assert ModelConfig(hidden_size=1024, num_heads=16).intermediate_size == 2816
+    assert ModelConfig(hidden_size=64, num_heads=4).intermediate_size == 256
+    assert ModelConfig() == model_config_from("tiny")  # the defaults are the tiny size
+
+
+def test_model_config_from_applies_overrides_and_ignores_none():
+    config = model_config_from("small", vocab_size=5000, num_layers=None, dropout=0.1)
+    assert (config.vocab_size, config.num_layers, config.dropout) == (5000, MODEL_SIZES["small"]["num_layers"], 0.1)
+    assert model_config_from(None, hidden_size=128, num_heads=2, num_kv_heads=1).hidden_size == 128
+    with pytest.raises(ValueError, match="unknown model size 'huge': choose from tiny, small, medium, large, xl"):
+        model_config_from("huge")
+
+
+@pytest.mark.parametrize("size, low, high", [
+    ("tiny", 15e6, 30e6), ("small", 110e6, 140e6), ("medium", 320e6, 380e6),
+    ("large", 750e6, 850e6), ("xl", 1.4e9, 1.6e9),
+])
+def test_named_sizes_have_the_advertised_parameter_counts(size, low, high):
+    with torch.device("meta"):  # no memory is allocated, even for xl
+        model = LLMModel(model_config_from(size))
+    config = model.config
+    assert config.vocab_size == 32000
+    assert low <= model.num_params() <= high
+    # Tied embeddings are counted once, and excluded entirely by exclude_embeddings.
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - config.vocab_size * config.hidden_size
+
+
+def test_untied_embeddings_add_one_vocabulary_matrix():
+    tied, untied = tiny_model(tie_embeddings=True), tiny_model(tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == VOCAB * 64
+    assert untied.num_params(exclude_embeddings=True) == tied.num_params(exclude_embeddings=True)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+
+
+# --- forward and loss ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_changing_a_later_token_never_changes_earlier_logits(num_kv_heads):
+    model = tiny_model(num_kv_heads=num_kv_heads)
+    x = random_tokens(2, 24)
+    changed = x.clone()
+    changed[:, 15] = (changed[:, 15] + 1) % VOCAB
+    with torch.no_grad():
+        logits, _ = model(x)
+        changed_logits, _ = model(changed)
+    assert logits.shape == (2, 24, VOCAB)
+    torch.testing.assert_close(logits[:, :15], changed_logits[:, :15], rtol=0, atol=0)
+    assert not torch.allclose(logits[:, 15:], changed_logits[:, 15:])
+
+
+def test_loss_is_next_token_cross_entropy_with_ignored_positions():
+    model = tiny_model()
+    x = random_tokens(3, 20)
+    labels = x.clone()
+    labels[0, 12:] = IGNORE_INDEX
+    labels[2, :5] = IGNORE_INDEX
+    with torch.no_grad():
+        logits, loss = model(x, labels=labels)
+        _, loss_sum = model(x, labels=labels, loss_reduction="sum")
+    keep = labels[:, 1:] != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(loss, expected)
+    assert count_target_tokens(labels).item() == keep.sum().item() == 19 * 3 - 8 - 4
+    torch.testing.assert_close(loss_sum / count_target_tokens(labels), loss)
+
+
+def test_padding_with_ignored_labels_does_not_change_the_loss():
+    model = tiny_model()
+    x = random_tokens(2, 12)
+    padded = torch.cat([x, torch.zeros(2, 6, dtype=torch.long)], dim=1)  # pad id 0 at the end
+    labels = padded.clone()
+    labels[:, 12:] = IGNORE_INDEX
+    with torch.no_grad():
+        _, loss = model(x, labels=x)
+        _, padded_loss = model(padded, labels=labels)
+    torch.testing.assert_close(padded_loss, loss)
+
+
+def test_loss_at_initialisation_is_close_to_uniform():
+    x = random_tokens(4, 64)
+    with torch.no_grad():
+        _, loss = tiny_model()(x, labels=x)
+    assert abs(loss.item() - math.log(VOCAB)) < 0.3
+    torch.manual_seed(0)
+    wide = LLMModel(ModelConfig(vocab_size=4096, hidden_size=384, num_layers=2, num_heads=6, max_seq_len=64))
+    x = torch.randint(0, 4096, (2, 64))
+    with torch.no_grad():
+        _, loss = wide(x, labels=x)
+    assert abs(loss.item() - math.log(4096)) < 0.3
+
+
+def test_residual_projections_are_initialised_smaller():
+    torch.manual_seed(0)
+    model = LLMModel(ModelConfig(vocab_size=VOCAB, hidden_size=256, num_layers=8, num_heads=4, max_seq_len=16))
+    layer = model.layers[0]
+    assert layer.attn.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.attn.o_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.equal(layer.attn_norm.weight, torch.ones(256))
+
+
+def test_forward_rejects_bad_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"positions up to 65 exceed max_seq_len \(64\)"):
+        model(random_tokens(1, 65))
+    x = random_tokens(1, 8)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(x, labels=x, loss_reduction="none")
+
+
+def test_forward_has_no_graph_breaks():
+    model = tiny_model()
+    x = random_tokens(2, 16)
+    explanation = torch._dynamo.explain(model)(x, labels=x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_forward_and_backward_match_eager():
+    model = tiny_model().train()
+    x = random_tokens(2, 16)
+    _, eager_loss = model(x, labels=x)
+    eager_loss.backward()
+    eager_grad = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    _, compiled_loss = torch.compile(model, fullgraph=True)(x, labels=x)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.embed_tokens.weight.grad, eager_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_gives_finite_loss_close_to_fp32():
+    model = tiny_model().train()  # GQA: bf16 attention goes through SDPA's enable_gqa
+    x = random_tokens(2, 32)
+    _, fp32_loss = model(x, labels=x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, labels=x)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert torch.isfinite(loss) and abs(loss.item() - fp32_loss.item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny_model().train()
+    x = random_tokens(4, 32)
+    optimizer = torch.optim.AdamW(configure_optimizer_groups(model, weight_decay=0.0), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(x, labels=x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5
+
+
+def test_optimizer_groups_decay_matrices_only_and_count_tied_weights_once():
+    model = tiny_model(tie_embeddings=True)
+    decay, no_decay = configure_optimizer_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is model.embed_tokens.weight for p in decay["params"])
+    assert any(p is model.norm.weight for p in no_decay["params"])
+    assert sum(p.numel() for group in (decay, no_decay) for p in group["params"]) == model.num_params()
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    config = tiny_config(tie_embeddings=True)
+    model = LLMModel(config)
+    norms = (2 * config.num_layers + 1) * config.hidden_size
+    matmul_params = model.num_params(exclude_embeddings=True) - norms + config.vocab_size * config.hidden_size
+    attention_per_position = 12 * config.num_layers * config.hidden_size
+    assert flops_per_token(config, 1) == 6 * matmul_params + attention_per_position
+    assert flops_per_token(config, 64) - flops_per_token(config, 32) == 32 * attention_per_position
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def test_incremental_decoding_with_the_cache_matches_the_full_forward():
+    model = tiny_model()
+    x = random_tokens(2, 20)
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.new_kv_cache(batch_size=2, max_seq_len=20)
+        prefill, _ = model(x[:, :8], kv_cache=cache)  # causal prefill from position 0
+        chunk, _ = model(x[:, 8:12], kv_cache=cache, start_pos=8)  # several tokens after a prefix
+        steps = [model(x[:, t : t + 1], kv_cache=cache, start_pos=t)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat([prefill, chunk, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_greedy_generation_is_the_same_with_and_without_the_cache(num_kv_heads):
+    model = tiny_model(num_kv_heads=num_kv_heads)
+    prompt = random_tokens(3, 5)
+    cached = model.generate(prompt, max_new_tokens=20, temperature=0)
+    uncached = model.generate(prompt, max_new_tokens=20, temperature=0, use_cache=False)
+    assert cached.shape == (3, 25) and torch.equal(cached[:, :5], prompt)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_with_a_seeded_generator_is_deterministic():
+    model = tiny_model()
+    prompt = random_tokens(2, 4)
+
+    def sample(seed):
+        return model.generate(prompt, 20, top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely_tokens():
+    probs = torch.tensor([[0.05, 0.6, 0.3, 0.05]]).repeat(500, 1)
+    logits = probs.log()
+    generator = torch.Generator().manual_seed(0)
+
+    def drawn(**kwargs):
+        return set(sample_next_token(logits, generator=generator, **kwargs).tolist())
+
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_k=2) == {1, 2}
+    assert drawn(top_k=1) == {1}
+    assert drawn(top_p=0.5) == {1}  # the single most likely token already holds 0.6
+    assert drawn(top_p=0.8) == {1, 2}  # 0.6 + 0.3 reaches 0.8
+    assert drawn(top_p=0.8, top_k=1) == {1}
+    assert drawn(temperature=0) == {1}
+    assert drawn(temperature=0.01) == {1}  # sharpened towards the argmax
+    with pytest.raises(ValueError, match="top_p"):
+        drawn(top_p=0.0)
+
+
+def test_generation_stops_when_every_sequence_has_produced_eos():
+    model = tiny_model()
+    prompt = random_tokens(2, 5)
+
+    def sample(eos_token_id=None):
+        return model.generate(prompt, 12, eos_token_id=eos_token_id, generator=torch.Generator().manual_seed(0))
+
+    free = sample()
+    eos = free[0, 7].item()  # the third token the first sequence draws
+    first_eos = [row.index(eos) if eos in row else None for row in free[:, 5:].tolist()]
+    assert (free[0, 5 + first_eos[0] + 1 :] != eos).any()  # unstopped, the first sequence goes on
+    expected = free[:, : 5 + max(12 if i is None else i + 1 for i in first_eos)].clone()
+    for row, i in enumerate(first_eos):
+        if i is not None:
+            expected[row, 5 + i :] = eos  # a finished sequence only repeats eos
+    assert torch.equal(sample(eos), expected)
+
+    same_prompt = prompt[:1].repeat(2, 1)
+    greedy_first = model.generate(same_prompt, 1, temperature=0)[0, -1].item()
+    assert model.generate(same_prompt, 12, temperature=0, eos_token_id=greedy_first).shape == (2, 6)
+
+
+def test_stream_tokens_yields_one_token_per_step():
+    model = tiny_model()
+    prompt = random_tokens(1, 3)
+    streamed = list(model.stream_tokens(prompt, max_new_tokens=6, temperature=0))
+    assert len(streamed) == 6 and all(token.shape == (1,) for token in streamed)
+    assert torch.equal(torch.cat([prompt, torch.stack(streamed, dim=1)], dim=1),
+                       model.generate(prompt, max_new_tokens=6, temperature=0))
+    with pytest.raises(ValueError, match=r"prompt length \(3\) \+ max_new_tokens \(62\) exceeds max_seq_len"):
+        model.generate(prompt, max_new_tokens=62)

@@ -1,0 +1,194 @@
+"""`raylm train`: the loop on one shared local Ray, tiny models on CPU."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from raylm import checkpoint as ckpt
+from raylm.config import ConfigError, TrainConfig, build_config
+from raylm.metrics import read_jsonl
+from raylm.train import SimulatedFailure, TrainingError, lr_at, plan_run, train
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, learning_rate=1e-2, warmup_steps=3,
+            log_interval=1, eval_interval=6, eval_steps=0, save_interval=6, batch_size=8)
+
+
+def cfg_for(data, save_dir, **kw):
+    return build_config(TrainConfig, overrides={"data_dir": str(data), "save_dir": str(save_dir), **TINY, **kw})
+
+
+def losses(save_dir):
+    return [r["loss"] for r in read_jsonl(Path(save_dir) / "metrics.jsonl") if r.get("loss") is not None]
+
+
+def summary(save_dir):
+    return json.loads((Path(save_dir) / "summary.json").read_text())
+
+
+def weights(path):
+    return ckpt.load_model_state(path)
+
+
+def assert_same_weights(a, b, exact=True):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = build_config(TrainConfig, overrides={"learning_rate": 1.0, "min_lr": 0.1, "warmup_steps": 10,
+                                               "max_steps": 110})
+    assert lr_at(1, cfg) == pytest.approx(0.1)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_config_errors_say_what_to_change(packed_data, tmp_path):
+    with pytest.raises(ConfigError, match="micro_batch_size could be one of"):
+        build_config(TrainConfig, overrides={"batch_size": 8, "micro_batch_size": 3})
+    with pytest.raises(ConfigError, match="fewer than batch_size"):
+        plan_run(cfg_for(packed_data, tmp_path, batch_size=128, micro_batch_size=8))
+    with pytest.raises(ConfigError, match="raise --max_seq_len"):
+        plan_run(cfg_for(packed_data, tmp_path, max_seq_len=8))
+    with pytest.raises(ConfigError, match="run `raylm prepare"):
+        plan_run(cfg_for(tmp_path / "nothing", tmp_path))
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        plan_run(cfg_for(packed_data, tmp_path, num_kv_heads=3))
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+
+def test_exact_resume_is_bitwise(packed_data, tmp_path):
+    straight = tmp_path / "straight"
+    train(cfg_for(packed_data, straight, max_steps=12, launcher="local"))
+    cut = tmp_path / "cut"
+    with pytest.raises(SimulatedFailure):
+        train(cfg_for(packed_data, cut, max_steps=12, launcher="local", simulate_failure_at_step=8))
+    assert [s for s, _ in ckpt.list_checkpoints(cut)] == [6]
+    train(cfg_for(packed_data, cut, max_steps=12, launcher="local", checkpoint=str(cut)))
+    assert summary(cut)["start_step"] == 6
+    assert losses(cut) == losses(straight)  # identical, not merely close
+    assert len(losses(cut)) == 12  # the records of the interrupted attempt past step 6 were replaced
+    assert_same_weights(straight / "final", cut / "final")
+    # a fresh run into a folder with checkpoints must be explicit about resuming
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        plan_run(cfg_for(packed_data, cut, max_steps=12))
+
+
+def test_resume_refuses_other_model_or_data(packed_data, tmp_path):
+    from conftest import write_packed_dataset
+
+    run = tmp_path / "run"
+    train(cfg_for(packed_data, run, max_steps=6, launcher="local"))
+    with pytest.raises(ConfigError, match="hidden_size: checkpoint 32 vs requested 64"):
+        plan_run(cfg_for(packed_data, tmp_path / "x", checkpoint=str(run), hidden_size=64, num_heads=4))
+    other = write_packed_dataset(tmp_path / "other", seed=5, train_rows=40)
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        plan_run(cfg_for(other, tmp_path / "y", checkpoint=str(run)))
+
+
+def test_bf16_autocast_on_cpu_trains(packed_data, tmp_path):
+    train(cfg_for(packed_data, tmp_path, max_steps=12, launcher="local", mixed_precision="bf16"))
+    ls = losses(tmp_path)
+    assert all(math.isfinite(x) for x in ls) and ls[-1] < ls[0] - 0.5
+
+
+@pytest.mark.slow
+def test_compile_on_cpu_trains_and_matches_eager(packed_data, tmp_path):
+    train(cfg_for(packed_data, tmp_path / "eager", max_steps=4, launcher="local", save_interval=0))
+    train(cfg_for(packed_data, tmp_path / "compiled", max_steps=4, launcher="local", save_interval=0,
+                  compile_model=True))
+    for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(packed_data, tmp_path, monkeypatch):
+    from raylm import model as model_mod
+
+    real_forward = model_mod.LLMModel.forward
+    calls = {"n": 0}
+    poison = {"at": {3, 4}}  # forward calls (one micro-batch per step here) that return NaN
+
+    def forward(self, *args, **kwargs):
+        logits, loss = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in poison["at"]:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_mod.LLMModel, "forward", forward)
+    train(cfg_for(packed_data, tmp_path / "skip", max_steps=8, launcher="local", micro_batch_size=8))
+    s = summary(tmp_path / "skip")
+    assert s["nonfinite_steps"] == 2 and math.isfinite(s["final_val_loss"])
+    calls["n"], poison["at"] = 0, set(range(3, 100))
+    with pytest.raises(FloatingPointError, match="Lower --learning_rate"):
+        train(cfg_for(packed_data, tmp_path / "stop", max_steps=12, launcher="local", micro_batch_size=8,
+                      max_nonfinite_steps=4, save_interval=2))
+    # skipped steps leave the weights untouched, and the last good checkpoint is kept
+    assert ckpt.newest_complete(tmp_path / "stop").name == "checkpoint_step_4"
+    assert_same_weights(tmp_path / "stop" / "checkpoint_step_2", tmp_path / "stop" / "checkpoint_step_4")
+
+
+def test_retention_keeps_newest(packed_data, tmp_path):
+    train(cfg_for(packed_data, tmp_path, max_steps=10, launcher="local", save_interval=2, keep_checkpoints=2))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [10, 8]
+    assert (tmp_path / "final" / "manifest.json").exists() and (tmp_path / "loss_curve.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- on Ray
+
+
+@pytest.mark.ray
+def test_two_workers_match_one_worker_with_accumulation(ray_session, packed_data, tmp_path):
+    two = tmp_path / "two"
+    train(cfg_for(packed_data, two, max_steps=12, num_workers=2, micro_batch_size=4))
+    one = tmp_path / "one"
+    train(cfg_for(packed_data, one, max_steps=12, launcher="local", micro_batch_size=4))  # 2 accumulation steps
+    s = summary(two)
+    assert s["world_size"] == 2 and s["ranks_identical"]
+    l2, l1 = losses(two), losses(one)
+    assert l2[-1] < l2[0] - 0.5  # loss falls
+    assert l2 == pytest.approx(l1, rel=1e-4)
+    assert_same_weights(two / "final", one / "final", exact=False)
+
+
+@pytest.mark.ray
+def test_worker_death_restarts_from_checkpoint(ray_session, packed_data, tmp_path):
+    straight = tmp_path / "straight"
+    train(cfg_for(packed_data, straight, max_steps=12, num_workers=2, micro_batch_size=4))
+    failing = tmp_path / "failing"
+    train(cfg_for(packed_data, failing, max_steps=12, num_workers=2, micro_batch_size=4, max_failures=1,
+                  simulate_failure_at_step=9))
+    assert summary(failing)["start_step"] == 6  # the first step after the restart is 7
+    assert losses(failing) == losses(straight)
+    assert_same_weights(straight / "final", failing / "final")
+
+
+@pytest.mark.ray
+def test_failures_beyond_max_failures_exit_cleanly(ray_session, packed_data, tmp_path):
+    with pytest.raises(TrainingError, match="raise --max_failures") as err:
+        train(cfg_for(packed_data, tmp_path, max_steps=12, num_workers=2, micro_batch_size=4, max_failures=0,
+                      simulate_failure_at_step=9))
+    assert "checkpoint_step_6" in str(err.value)  # says what is kept and how to resume
+
+
+@pytest.mark.ray
+def test_resume_on_a_different_number_of_workers(ray_session, packed_data, tmp_path):
+    one = tmp_path / "one"
+    train(cfg_for(packed_data, one, max_steps=6, launcher="local", micro_batch_size=4))
+    train(cfg_for(packed_data, one, max_steps=12, num_workers=2, micro_batch_size=4, checkpoint=str(one)))
+    s = summary(one)
+    assert s["start_step"] == 6 and s["world_size"] == 2 and s["final_step"] == 12

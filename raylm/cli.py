@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from raylm import __version__
 from raylm.config import ConfigError, add_dataclass_args, build_config, overrides_from_args
@@ -30,9 +31,69 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from raylm.config import TrainConfig
+    from raylm.train import train
+
+    cfg = build_config(TrainConfig, args.config_file, overrides_from_args(args, TrainConfig))
+    train(cfg)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from raylm.config import EvalConfig
+    from raylm.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(build_config(EvalConfig, args.config_file, overrides_from_args(args, EvalConfig)))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from raylm.config import GenerateConfig
+    from raylm.generate import run
+
+    run(build_config(GenerateConfig, args.config_file, overrides_from_args(args, GenerateConfig)))
+    return 0
+
+
+def export_checkpoint(cfg) -> Path:
+    """`raylm export`: checkpoint -> Hugging Face Llama folder (with its tokenizer when HF-kind)."""
+    import torch
+
+    from raylm.evaluate import load_checkpoint
+    from raylm.export import export_hf
+
+    loaded = load_checkpoint(cfg.checkpoint)
+    data = loaded.state.get("data") or {}
+    out = export_hf(loaded.model, cfg.output_dir, tokenizer_dir=loaded.path, eos_token_id=data.get("eos_token_id"),
+                    pad_token_id=data.get("pad_token_id"), dtype=getattr(torch, cfg.dtype), overwrite=cfg.overwrite)
+    print(f"Exported {loaded.path} to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return out
+
+
+def _cmd_export(args) -> int:
+    from raylm.config import ExportConfig
+
+    export_checkpoint(build_config(ExportConfig, args.config_file, overrides_from_args(args, ExportConfig)))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from raylm.config import DemoConfig
+    from raylm.demo import run_demo
+
+    run_demo(build_config(DemoConfig, args.config_file, overrides_from_args(args, DemoConfig)))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (module, config class, help)
     "prepare": ("raylm.config", "PrepareConfig", "raw text files -> tokenizer + Parquet shards"),
+    "train": ("raylm.config", "TrainConfig", "train a model on prepared data with Ray Train"),
+    "eval": ("raylm.config", "EvalConfig", "loss, perplexity and bits per byte of a checkpoint"),
+    "generate": ("raylm.config", "GenerateConfig", "sample text from a checkpoint"),
+    "export": ("raylm.config", "ExportConfig", "write a checkpoint as a Hugging Face Llama folder"),
+    "demo": ("raylm.config", "DemoConfig", "the whole pipeline on a built-in corpus, in minutes on a CPU"),
 }
 
 
@@ -51,7 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HANDLERS = {"prepare": _cmd_prepare}
+HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
+            "export": _cmd_export, "demo": _cmd_demo}
+
+
+def explain_error(e: BaseException) -> str | None:
+    """The errors a newcomer meets, answered in a line or two (None: not one of them)."""
+    from raylm.train import SimulatedFailure, TrainingError
+
+    text = str(e)
+    if isinstance(e, (TrainingError, FloatingPointError, SimulatedFailure)):
+        return text
+    if isinstance(e, ConnectionError) or "Could not find any running Ray instance" in text \
+            or "Failed to connect to GCS" in text:
+        return (f"cannot reach Ray ({text.splitlines()[0] if text else type(e).__name__}). Check RAY_ADDRESS "
+                "(unset it to start a local Ray), or start the cluster with `ray start --head`.")
+    if "out of memory" in text.lower():
+        return ("out of memory: lower --micro_batch_size (the global --batch_size stays the same through "
+                "gradient accumulation), or use a smaller model / --max_length.")
+    if "Address already in use" in text:
+        return "a port is already in use (another Ray or training run?): stop it, or reuse it with RAY_ADDRESS=auto."
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"raylm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, FloatingPointError, ConnectionError, OSError) as e:
+        message = explain_error(e)
+        if message is None:
+            raise
+        print(f"raylm {args.command}: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"raylm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -320,3 +320,137 @@ class TrainConfig:
     @property
     def accumulation_steps(self) -> int:
         return self.batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """`raylm eval`: loss, perplexity and bits per byte of a checkpoint."""
+
+    checkpoint: str = opt("", "a checkpoint_step_N folder, save_dir/final, or a save_dir (its newest checkpoint)")
+    data_dir: str = opt("", "a prepared dataset: evaluate its validation split (default: the training data's)")
+    input_dir: str = opt("", "raw text files to evaluate instead, tokenized with the checkpoint's tokenizer")
+    split: str = opt("val", "which split of --data_dir", choices=("val", "train"))
+    extensions: list[str] = opt(DEFAULT_EXTENSIONS, "with --input_dir: file endings to read")
+    text_field: str = opt("text", "with --input_dir: key holding the text in .json / .jsonl records")
+    max_rows: int = opt(0, "evaluate at most this many rows (0 = all)")
+    micro_batch_size: int = opt(8, "rows per forward pass")
+    num_workers: int = opt(1, "Ray workers that evaluate shards of the rows in parallel (1 = in this process)")
+    use_gpu: bool = opt(False, "evaluate on GPU")
+    json: bool = opt(False, "print the result as one JSON object (for scripts)")
+
+    def __post_init__(self):
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (e.g. ./checkpoints/final)")
+        if self.data_dir and self.input_dir:
+            raise ConfigError("give --data_dir or --input_dir, not both")
+        if self.num_workers < 1 or self.micro_batch_size < 1 or self.max_rows < 0:
+            raise ConfigError("num_workers and micro_batch_size must be >= 1, max_rows >= 0")
+        self.extensions = [e if e.startswith(".") else f".{e}" for e in (x.lower() for x in self.extensions)]
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """`raylm generate`: text from a checkpoint, streamed as it is sampled."""
+
+    checkpoint: str = opt("", "a checkpoint_step_N folder, save_dir/final, or a save_dir")
+    prompt: str | None = opt(None, "text to continue; omit for an interactive prompt")
+    max_new_tokens: int = opt(200, "tokens to generate per sample")
+    temperature: float = opt(0.8, "sampling temperature (0 = greedy)")
+    top_k: int | None = opt(50, "sample only from the k most likely tokens (0 = off)")
+    top_p: float | None = opt(0.95, "sample from the smallest set of tokens whose probability reaches p (1 = off)")
+    seed: int = opt(1234, "random seed: the same seed gives the same text")
+    num_samples: int = opt(1, "how many samples per prompt")
+    device: str = opt("auto", "cpu, cuda, or auto (cuda when available)")
+
+    def __post_init__(self):
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required (e.g. ./checkpoints/final)")
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ConfigError("max_new_tokens and num_samples must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature ({self.temperature}) must be >= 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p ({self.top_p}) must be in (0, 1]")
+        self.top_k = self.top_k or None
+        self.top_p = None if self.top_p in (None, 1, 1.0) else self.top_p
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """`raylm export`: a checkpoint as a Hugging Face Llama folder."""
+
+    checkpoint: str = opt("", "a checkpoint_step_N folder, save_dir/final, or a save_dir")
+    output_dir: str = opt("", "folder to write (config.json, model.safetensors, tokenizer files)")
+    dtype: str = opt("float32", "weight dtype of the export", choices=("float32", "bfloat16", "float16"))
+    overwrite: bool = opt(False, "replace output_dir if it exists")
+
+    def __post_init__(self):
+        if not self.checkpoint or not self.output_dir:
+            raise ConfigError("--checkpoint and --output_dir are required")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """`raylm demo`: the whole pipeline on the built-in corpus (Python's own standard library)."""
+
+    output_dir: str = opt("./raylm_demo", "every artifact of the demo lands here")
+    corpus_mb: float = opt(4.0, "MB of standard-library source to train on")
+    vocab_size: int = opt(4096, "tokenizer vocabulary")
+    max_length: int = opt(128, "tokens per row")
+    max_steps: int = opt(600, "training steps (about 3-5 minutes on 2 CPU cores)")
+    num_workers: int = opt(1, "training workers")
+    prompt: str = opt("def ", "prompt of the sample printed at the end")
+    fresh: bool = opt(False, "delete output_dir first instead of reusing its prepared data")
+
+
+SCHEDULERS = ("asha", "fifo")
+TUNE_METRICS = ("val_loss", "val_perplexity")
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """`raylm tune`: the search over learning rate and warmup. Every other setting (model, data,
+    save_dir, steps) is a TrainConfig field, shared by all trials."""
+
+    num_samples: int = opt(8, "trials to run, each with its own sampled learning_rate and warmup_steps")
+    lr_min: float = opt(1e-4, "smallest learning_rate to sample (log-uniform between lr_min and lr_max)")
+    lr_max: float = opt(1e-2, "largest learning_rate to sample")
+    warmup_choices: list[int] = opt([], "warmup_steps values to sample from, e.g. --warmup_choices 0 100 500 "
+                                    "(default: --warmup_steps, or the range warmup_min..warmup_max)")
+    warmup_min: int | None = opt(None, "smallest warmup_steps of a uniform range (with warmup_max)")
+    warmup_max: int | None = opt(None, "largest warmup_steps of a uniform range (with warmup_min)")
+    scheduler: str = opt("asha", "asha: stop trials whose validation loss lags (successive halving); "
+                         "fifo: run every trial to max_steps", choices=SCHEDULERS)
+    metric: str = opt("val_loss", "what the scheduler and the ranking minimise", choices=TUNE_METRICS)
+    grace_period: int = opt(1000, "asha: steps every trial runs before it can be stopped")
+    reduction_factor: float = opt(3.0, "asha: keep the best 1/reduction_factor of trials at each rung")
+    max_concurrent_trials: int = opt(0, "trials running at once (0 = as many as the Ray cluster can place)")
+    search_seed: int = opt(0, "seed of the sampled learning rates and warmups")
+    resume: bool = opt(False, "continue the interrupted sweep in --save_dir; finished trials are not run again")
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples ({self.num_samples}) must be at least 1")
+        if self.lr_min <= 0 or self.lr_max <= 0:
+            raise ConfigError(f"lr_min ({self.lr_min:g}) and lr_max ({self.lr_max:g}) must be positive, "
+                              "e.g. --lr_min 1e-4 --lr_max 1e-2")
+        if self.lr_min >= self.lr_max:
+            raise ConfigError(f"lr_min ({self.lr_min:g}) must be smaller than lr_max ({self.lr_max:g}); "
+                              "to train one learning rate use `raylm train --learning_rate`")
+        ranged = (self.warmup_min, self.warmup_max)
+        if self.warmup_choices and any(v is not None for v in ranged):
+            raise ConfigError("give either --warmup_choices or --warmup_min/--warmup_max, not both")
+        if (self.warmup_min is None) != (self.warmup_max is None):
+            raise ConfigError("--warmup_min and --warmup_max go together: give both, or --warmup_choices")
+        if self.warmup_min is not None and not 0 <= self.warmup_min < self.warmup_max:
+            raise ConfigError(f"warmup_min ({self.warmup_min}) must be >= 0 and smaller than warmup_max "
+                              f"({self.warmup_max})")
+        if any(w < 0 for w in self.warmup_choices):
+            raise ConfigError(f"warmup_choices ({self.warmup_choices}) must all be >= 0")
+        if self.grace_period < 1:
+            raise ConfigError(f"grace_period ({self.grace_period}) must be at least 1 step")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"reduction_factor ({self.reduction_factor:g}) must be greater than 1, e.g. 2 or 3")
+        if self.max_concurrent_trials < 0:
+            raise ConfigError(f"max_concurrent_trials ({self.max_concurrent_trials}) must be >= 0 "
+                              "(0 = as many as the cluster can place)")

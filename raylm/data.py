@@ -67,6 +67,15 @@ class PackedRows:
         self.lengths = np.concatenate(lengths) if len(lengths) > 1 else lengths[0]
         self.max_length = self.tokens.shape[1]
 
+    @classmethod
+    def from_arrays(cls, tokens: np.ndarray, lengths: np.ndarray) -> "PackedRows":
+        rows = cls.__new__(cls)
+        rows.tokens, rows.lengths, rows.max_length = tokens, lengths, tokens.shape[1]
+        return rows
+
+    def head(self, n: int) -> "PackedRows":
+        return PackedRows.from_arrays(self.tokens[:n], self.lengths[:n])
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -184,3 +193,51 @@ class Prefetcher:
     def close(self):
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def write_synthetic_dataset(out_dir, *, vocab_size=64, max_length=16, train_rows=64, val_rows=8, seed=0,
+                            partial_last=True, pattern="count"):
+    """A prepared-dataset folder (Parquet shards + metadata.json, prepare's format) without text or
+    tokenizer, for tests and benchmarks that should not depend on tokenizer training.
+    pattern="count": each row counts up from a random start by a random stride (learnable);
+    pattern="random": uniform random tokens (throughput benchmarks). The last row of each split
+    is partial (padded) when asked."""
+    import json
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    splits = {}
+    for split, n in (("train", train_rows), ("val", val_rows)):
+        d = out / "dataset" / split
+        d.mkdir(parents=True, exist_ok=True)
+        if pattern == "random":
+            rows = rng.integers(2, vocab_size, size=(n, max_length))
+        else:
+            starts = rng.integers(2, vocab_size, size=n)
+            step = rng.integers(1, 4, size=n)
+            rows = (starts[:, None] + step[:, None] * np.arange(max_length)[None, :]) % (vocab_size - 2) + 2
+        lengths = np.full(n, max_length, dtype=np.int32)
+        if partial_last:
+            lengths[-1] = max_length // 2
+            rows[-1, max_length // 2:] = 1  # pad id
+        files = []
+        half = (n + 1) // 2
+        for k, (a, b) in enumerate(((0, half), (half, n))):
+            if a == b:
+                continue
+            dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(rows[a:b].reshape(-1).astype(dtype)), max_length)
+            table = pa.table({"input_ids": arr, "length": pa.array(lengths[a:b])})
+            name = f"dataset/{split}/part-{k:05d}.parquet"
+            pq.write_table(table, out / name)
+            files.append({"path": name, "rows": b - a})
+        splits[split] = {"rows": n, "tokens": int(lengths.sum()), "documents": n, "padding_tokens":
+                         int((max_length - lengths).sum()), "files": files}
+    meta = {"raylm_version": "test", "vocab_size": vocab_size, "max_length": max_length, "overlap": 0,
+            "tokenizer_type": "synthetic", "tokenizer_file": None, "tokenizer_sha256": f"synthetic-{seed}",
+            "eos_token_id": 0, "pad_token_id": 1, "splits": splits}
+    (out / "metadata.json").write_text(json.dumps(meta))
+    return out

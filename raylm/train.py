@@ -319,25 +319,33 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def loss_sums(model, rows: PackedRows, indices: np.ndarray, *, micro_batch_size: int, device: torch.device,
+              autocast=contextlib.nullcontext) -> tuple[float, int]:
+    """(summed loss in nats, target tokens) over these rows. `raylm eval` uses it too."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for i in range(0, len(indices), micro_batch_size):
+        part = indices[i:i + micro_batch_size]
+        ids, labels = rows.batch(part)
+        with autocast():
+            _, loss_sum = model(ids.to(device), labels=labels.to(device), loss_reduction="sum")
+        total += loss_sum.double()
+        count += rows.target_tokens(part)
+    model.train(was_training)
+    return float(total), count
+
+
 def evaluate(model, rows: PackedRows, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int,
              device: torch.device, autocast) -> tuple[float, int]:
     """Mean loss per target token over the first ``max_batches`` x micro x world validation rows
     (all of them if max_batches is 0), split across ranks. Returns (loss, target tokens)."""
-    model.eval()
     n = len(rows)
     if max_batches:
         n = min(n, max_batches * micro_batch_size * world_size)
-    mine = np.arange(rank, n, world_size)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), micro_batch_size):
-        ids, labels = rows.batch(mine[i:i + micro_batch_size])
-        ids, labels = ids.to(device), labels.to(device)
-        with autocast():
-            _, loss_sum = model(ids, labels=labels, loss_reduction="sum")
-        total[0] += loss_sum.double()
-        total[1] += float(rows.target_tokens(mine[i:i + micro_batch_size]))
-    _all_reduce_sum(total, world_size)
-    model.train()
+    loss, count = loss_sums(model, rows, np.arange(rank, n, world_size), micro_batch_size=micro_batch_size,
+                            device=device, autocast=autocast)
+    total = _all_reduce_sum(torch.tensor([loss, count], dtype=torch.float64, device=device), world_size)
     loss, count = total.tolist()
     return (loss / count if count else float("nan")), int(count)
 
@@ -347,17 +355,23 @@ CHECKPOINT_DATA_KEYS = ("tokenizer_type", "tokenizer_file", "tokenizer_sha256", 
 
 
 def _tokenizer_files(meta: dict, data_dir: str) -> dict[str, bytes]:
-    """The tokenizer file travels inside every checkpoint, so generate/eval/export need nothing else."""
+    """The tokenizer travels inside every checkpoint, so generate/eval/export need nothing else
+    (a tiktoken ranks file brings its .json sidecar of pattern and special tokens)."""
     name = meta.get("tokenizer_file")
     if not name:
         return {}
-    if is_remote(data_dir):
-        from raylm.storage import filesystem
+    from raylm.storage import filesystem
 
-        fs, root = filesystem(data_dir)
-        with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
-            return {name: f.read()}
-    return {name: (Path(data_dir) / name).read_bytes()}
+    fs, root = filesystem(data_dir)
+    files = {}
+    for fname in (name, name + ".json"):
+        try:
+            with fs.open_input_stream(f"{root.rstrip('/')}/{fname}") as f:
+                files[fname] = f.read()
+        except FileNotFoundError:
+            if fname == name:
+                raise
+    return files
 
 
 def pick_resume_checkpoint(config: dict, session, say) -> str | None:
@@ -433,9 +447,16 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     if cfg.launcher == "ray":
         import logging
 
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Reporting training result" lines
+        try:  # no "Reporting training result ..." line per report (that logger is named by its file)
+            from ray.train.v2._internal.execution import context as _train_context
+
+            logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
     device = _device(session, cfg)
     precision = resolve_precision(cfg.mixed_precision, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
 
     resume_from = pick_resume_checkpoint(config, session, say)
     state = ckpt.load_state(resume_from) if resume_from else None

@@ -1,0 +1,142 @@
+"""Training throughput: `raylm train` on Ray Train next to the same loop in a plain process.
+
+    python jobs/bench_train.py                                    # CPU, tiny model (this machine)
+    python jobs/bench_train.py --use_gpu --model_size small --seq_len 1024 --batch_size 64 \
+        --micro_batch_size 32 --mixed_precision bf16 --compile_model --max_steps 80
+    ray job submit --working-dir . -- python jobs/bench_train.py --use_gpu ...
+    python jobs/bench_train.py --smoke                            # seconds; what the tests run
+
+Both runs use one worker, the same model, data (random tokens) and settings; the only difference
+is `--launcher ray` (a TorchTrainer worker) against `--launcher local` (this process). Each run's
+throughput is its warm tokens/sec (steps after the first log window, so compilation and start-up
+are left out). MFU = flops_per_token x tokens/sec / peak, where flops_per_token is PaLM's
+6N + 12·L·H·T (raylm.model.flops_per_token) and peak is measured here: the best of a few large
+matrix products (bf16 on GPU, fp32 on CPU); on GPU the datasheet dense bf16 peak is shown too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raylm.config import TrainConfig  # noqa: E402
+from raylm.data import write_synthetic_dataset  # noqa: E402
+from raylm.model import flops_per_token, model_config_from  # noqa: E402
+from raylm.train import gpu_peak_flops, train  # noqa: E402
+
+
+def measured_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few n x n x n matrix products on this device."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        (a @ b).sum().item()
+        dt = time.perf_counter() - t
+        best = max(best, 2 * n**3 / dt)
+    return best
+
+
+def run_once(args, data_dir: str, launcher: str, save_dir: str) -> dict:
+    cfg = TrainConfig(
+        data_dir=data_dir, save_dir=save_dir, model_size=args.model_size, hidden_size=args.hidden_size,
+        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
+        warmup_steps=2, learning_rate=3e-4, log_interval=args.log_interval, eval_interval=0, eval_steps=1,
+        save_interval=0, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
+        compile_model=args.compile_model, launcher=launcher, cpus_per_worker=args.cpus_per_worker)
+    t = time.perf_counter()
+    train(cfg)
+    summary = json.loads((Path(save_dir) / "summary.json").read_text())
+    summary["wall_s"] = time.perf_counter() - t
+    return summary
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model_size", default="tiny")
+    p.add_argument("--hidden_size", type=int)
+    p.add_argument("--num_layers", type=int)
+    p.add_argument("--num_heads", type=int)
+    p.add_argument("--num_kv_heads", type=int)
+    p.add_argument("--vocab_size", type=int, default=32000)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--max_steps", type=int, default=30)
+    p.add_argument("--log_interval", type=int, default=5)
+    p.add_argument("--use_gpu", action="store_true")
+    p.add_argument("--mixed_precision", default="off")
+    p.add_argument("--compile_model", action="store_true")
+    p.add_argument("--cpus_per_worker", type=int, default=1)
+    p.add_argument("--launchers", default="local,ray", help="which runs, in order")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run with a toy model")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model_size, args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads = None, 32, 2, 4, 2
+        args.vocab_size, args.seq_len, args.batch_size, args.micro_batch_size = 256, 32, 4, 4
+        args.max_steps, args.log_interval = 6, 2
+    device = "cuda" if args.use_gpu else "cpu"
+    model_cfg = model_config_from(args.model_size, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                                  num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads)
+    rows = args.batch_size * (args.max_steps + 2)
+    work = Path(tempfile.mkdtemp(prefix="raylm-bench-train-"))
+    data_dir = write_synthetic_dataset(work / "data", vocab_size=args.vocab_size, max_length=args.seq_len,
+                                       train_rows=rows, val_rows=max(2, args.micro_batch_size), pattern="random",
+                                       partial_last=False)
+    peak_dtype = torch.bfloat16 if args.use_gpu else torch.float32
+    peak = measured_peak(device, peak_dtype, n=8192 if args.use_gpu else (512 if args.smoke else 2048))
+    sheet = gpu_peak_flops(torch.cuda.get_device_name()) if args.use_gpu else None
+    fpt = flops_per_token(model_cfg, args.seq_len)
+    results = {"device": torch.cuda.get_device_name() if args.use_gpu else f"CPU x{os.cpu_count()}",
+               "torch": torch.__version__, "model_size": args.model_size, "params": None,
+               "seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+               "mixed_precision": args.mixed_precision, "compile": args.compile_model,
+               "flops_per_token": fpt, "measured_peak_flops": peak, "datasheet_peak_flops": sheet, "runs": {}}
+    for launcher in args.launchers.split(","):
+        s = run_once(args, str(data_dir), launcher, str(work / f"run_{launcher}"))
+        tps = s["tokens_per_sec_warm"]
+        results["runs"][launcher] = {"tokens_per_sec": tps, "mfu_measured_peak": fpt * tps / peak if tps else None,
+                                     "mfu_datasheet": fpt * tps / sheet if (tps and sheet) else None,
+                                     "data_wait_p95_fraction": s.get("data_wait_p95_fraction"),
+                                     "wall_s": s["wall_s"]}
+    print("\n" + "=" * 72)
+    print(f"bench_train: {results['device']}, torch {results['torch']}, model {args.model_size or 'custom'}, "
+          f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
+          f"precision {args.mixed_precision}, compile {args.compile_model}")
+    print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f" | datasheet: {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
+    for name, r in results["runs"].items():
+        if r["tokens_per_sec"] is None:
+            print(f"  {name:6s}: too few steps for a warm measurement")
+            continue
+        line = f"  {name:6s}: {r['tokens_per_sec']:>12,.0f} tokens/s | MFU {100 * r['mfu_measured_peak']:.1f}% of measured"
+        if r["mfu_datasheet"]:
+            line += f", {100 * r['mfu_datasheet']:.1f}% of datasheet"
+        wait = r["data_wait_p95_fraction"]
+        line += f" | data wait p95 {100 * wait:.2f}% of a step" if wait is not None else ""
+        print(line)
+    runs = results["runs"]
+    if "ray" in runs and "local" in runs and runs["ray"]["tokens_per_sec"] and runs["local"]["tokens_per_sec"]:
+        ratio = runs["ray"]["tokens_per_sec"] / runs["local"]["tokens_per_sec"]
+        results["ray_over_local"] = ratio
+        print(f"  Ray Train / plain process: {ratio:.3f} (overhead {100 * (1 - ratio):+.1f}%)")
+    print("=" * 72)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

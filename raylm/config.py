@@ -272,6 +272,8 @@ class TrainConfig:
     mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag means auto (bf16 where supported, "
                                "else fp16 with loss scaling)", choices=PRECISIONS, flag_const="auto")
     compile_model: bool = opt(False, "torch.compile the model (warmed up before timing starts)")
+    wait_for_workers: bool = opt(False, "the cluster adds nodes on demand (ray up): wait for the GPUs/CPUs this "
+                                 "run needs instead of failing when they are not up yet")
     launcher: str = opt("ray", "ray: Ray Train workers; local: the same loop in this process (1 worker, no Ray)",
                         choices=("ray", "local"))
     # --- logging, evaluation, checkpoints

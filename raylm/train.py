@@ -768,7 +768,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         from raylm.runtime import ensure_ray
 
         ensure_ray()
-        _check_cluster_fits(cfg)
+        if not cfg.wait_for_workers:
+            _check_cluster_fits(cfg)
         trainer = build_trainer(plan)
         from ray.train import TrainingFailedError
 

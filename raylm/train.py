@@ -201,6 +201,9 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
                               f"{mc.max_seq_len}: raise --max_seq_len or prepare with --max_length {mc.max_seq_len}")
     if cfg.use_gpu and cfg.launcher == "local" and not torch.cuda.is_available():
         raise ConfigError(_no_cuda_message())
+    if cfg.warmup_steps >= cfg.max_steps:
+        print(f"Note: warmup_steps ({cfg.warmup_steps}) >= max_steps ({cfg.max_steps}): the learning rate never "
+              f"reaches {cfg.learning_rate:g}; --warmup_steps {max(1, cfg.max_steps // 20)} is 5% of the run")
     return RunPlan(cfg, meta, model_config, str(resume_from) if resume_from else None, init_from, init_kind)
 
 

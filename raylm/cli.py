@@ -40,6 +40,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from raylm.config import TrainConfig, TuneConfig
+    from raylm.tune import build_tune_configs, tune
+
+    overrides = overrides_from_args(args, TuneConfig) | overrides_from_args(args, TrainConfig)
+    tune(*build_tune_configs(args.config_file, overrides))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from raylm.config import EvalConfig
     from raylm.evaluate import evaluate_checkpoint
@@ -86,10 +95,12 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    # name: (module, config class, help)
+COMMANDS: dict[str, tuple[str, str | tuple[str, ...], str]] = {
+    # name: (module, config class or classes (their flags together), help)
     "prepare": ("raylm.config", "PrepareConfig", "raw text files -> tokenizer + Parquet shards"),
     "train": ("raylm.config", "TrainConfig", "train a model on prepared data with Ray Train"),
+    "tune": ("raylm.config", ("TuneConfig", "TrainConfig"),
+             "sweep learning rate and warmup of `train` with Ray Tune; ASHA stops lagging trials"),
     "eval": ("raylm.config", "EvalConfig", "loss, perplexity and bits per byte of a checkpoint"),
     "generate": ("raylm.config", "GenerateConfig", "sample text from a checkpoint"),
     "export": ("raylm.config", "ExportConfig", "write a checkpoint as a Hugging Face Llama folder"),
@@ -104,15 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raylm", description="Train Llama-style language models from raw text on Ray.")
     parser.add_argument("--version", action="version", version=f"raylm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, cls_name, help_text) in COMMANDS.items():
+    for name, (module, cls_names, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_flag(p)
-        cls = getattr(importlib.import_module(module), cls_name)
-        add_dataclass_args(p, cls)
+        for cls_name in (cls_names,) if isinstance(cls_names, str) else cls_names:
+            add_dataclass_args(p, getattr(importlib.import_module(module), cls_name))
     return parser
 
 
-HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate,
+HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval, "generate": _cmd_generate,
             "export": _cmd_export, "demo": _cmd_demo}
 
 
@@ -126,7 +137,8 @@ def explain_error(e: BaseException) -> str | None:
     if isinstance(e, ConnectionError) or "Could not find any running Ray instance" in text \
             or "Failed to connect to GCS" in text:
         return (f"cannot reach Ray ({text.splitlines()[0] if text else type(e).__name__}). Check RAY_ADDRESS "
-                "(unset it to start a local Ray), or start the cluster with `ray start --head`.")
+                "(unset it to start a local Ray) or start the cluster with `ray start --head`; if a cluster "
+                "started on this machine has died, `ray stop` clears its stale address.")
     if "out of memory" in text.lower():
         return ("out of memory: lower --micro_batch_size (the global --batch_size stays the same through "
                 "gradient accumulation), or use a smaller model / --max_length.")

@@ -21,13 +21,30 @@ def _started_cluster_address() -> str | None:
         return None
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with the address in the message, when a host:port Ray address does not answer
+    (Ray itself would retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"nothing answers at {address} ({e})") from None
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to (or start) Ray once per process."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS") or _started_cluster_address():
+    address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
+    if address:
+        check_reachable(address)
         ray.init(logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",

@@ -209,11 +209,13 @@ class PrepareConfig:
     tokenizer_sample_mb: float = opt(64.0, "MB of accepted text sampled to train the tokenizer")
     tiktoken_encoding: str = opt("", "tiktoken only: a named encoding (gpt2, cl100k_base, o200k_base) or a "
                                  ".tiktoken file to use instead of training one")
+    tokenizer_file: str = opt("", "use this tokenizer (a tokenizer.json / .tiktoken file, or a checkpoint or dataset "
+                              "folder holding one) instead of training one: to fine-tune a model on new text")
     min_frequency: int = opt(2, "bpe/wordpiece: a merge must occur this often in the sample")
     rows_per_shard: int = opt(8192, "rows per Parquet file")
 
     def __post_init__(self):
-        if self.vocab_size < 260 and self.tokenizer_type != "tiktoken":
+        if self.vocab_size < 260 and self.tokenizer_type != "tiktoken" and not self.tokenizer_file:
             raise ConfigError(f"vocab_size ({self.vocab_size}) must be at least 260 "
                               "(256 byte symbols plus special tokens); 32000 is a good default")
         if self.max_length < 2:
@@ -231,6 +233,7 @@ class PrepareConfig:
 
 
 PRECISIONS = ("off", "auto", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass
@@ -272,6 +275,11 @@ class TrainConfig:
     mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag means auto (bf16 where supported, "
                                "else fp16 with loss scaling)", choices=PRECISIONS, flag_const="auto")
     compile_model: bool = opt(False, "torch.compile the model (warmed up before timing starts)")
+    strategy: str = opt("ddp", "ddp: every worker holds the whole model; fsdp: weights, gradients and optimizer state "
+                        "sharded across workers (PyTorch FSDP2), for models that do not fit one GPU with ddp",
+                        choices=STRATEGIES)
+    activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward "
+                                         "pass: far less activation memory for about a third more compute")
     wait_for_workers: bool = opt(False, "the cluster adds nodes on demand (ray up): wait for the GPUs/CPUs this "
                                  "run needs instead of failing when they are not up yet")
     launcher: str = opt("ray", "ray: Ray Train workers; local: the same loop in this process (1 worker, no Ray)",
@@ -318,6 +326,8 @@ class TrainConfig:
             raise ConfigError("launcher 'local' runs one worker in this process: set num_workers 1 or launcher ray")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -456,3 +466,48 @@ class TuneConfig:
         if self.max_concurrent_trials < 0:
             raise ConfigError(f"max_concurrent_trials ({self.max_concurrent_trials}) must be >= 0 "
                               "(0 = as many as the cluster can place)")
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """`raylm plan`: GPU memory per worker of a training configuration (weights, gradients, optimizer
+    state, activations) and the largest micro batch that fits. Model fields left unset come from
+    `model_size`."""
+
+    model_size: str | None = opt(None, "named size (default tiny): tiny, small, medium, large, xl")
+    hidden_size: int | None = opt(None, "width of the network (overrides model_size)")
+    num_layers: int | None = opt(None, "number of transformer blocks")
+    num_heads: int | None = opt(None, "attention heads; must divide hidden_size")
+    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention")
+    intermediate_size: int | None = opt(None, "SwiGLU hidden width (default: Llama's rule from hidden_size)")
+    tie_embeddings: bool | None = opt(None, "share the input embedding with the output layer")
+    vocab_size: int = opt(32000, "tokenizer vocabulary size")
+    max_length: int = opt(2048, "tokens per training row (the context length)")
+    micro_batch_size: int = opt(1, "rows per forward/backward on one worker")
+    batch_size: int | None = opt(None, "global batch; when it needs gradient accumulation, fsdp keeps unsharded "
+                                 "gradients between micro-steps (default: micro_batch_size x num_workers)")
+    num_workers: int = opt(1, "training workers, one GPU each")
+    strategy: str = opt("ddp", "ddp or fsdp (as `raylm train --strategy`)", choices=STRATEGIES)
+    mixed_precision: str = opt("bf16", "off | auto | bf16 | fp16 (as `raylm train`; auto counts as bf16)",
+                               choices=PRECISIONS, flag_const="auto")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
+    gpu_memory_gb: float = opt(80.0, "memory of one GPU in GiB (H100: 80, A100: 40 or 80, L4: 24)")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_length", "micro_batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.gpu_memory_gb <= 0:
+            raise ConfigError(f"gpu_memory_gb ({self.gpu_memory_gb}) must be positive, e.g. 80")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+        if self.batch_size is not None and self.batch_size % (self.micro_batch_size * self.num_workers):
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batch_size "
+                              f"({self.micro_batch_size}) x num_workers ({self.num_workers})")
+
+    @property
+    def accumulation_steps(self) -> int:
+        per_step = self.micro_batch_size * self.num_workers
+        return (self.batch_size or per_step) // per_step

@@ -2,8 +2,8 @@
 
 raylm joins a running Ray cluster when there is one (``RAY_ADDRESS`` set, or a cluster that
 ``ray start`` began on this machine), and otherwise starts a local one for the length of the
-command. A local Ray that raylm starts has no dashboard and listens on 127.0.0.1 only; it never
-joins another process's temporary Ray (which would vanish when that process ends).
+command. A local Ray that raylm starts serves its dashboard on 127.0.0.1 only; it never joins
+another process's temporary Ray (which would vanish when that process ends).
 """
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         check_reachable(address)
         ray.init(logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+        # The dashboard also serves Ray's state API, which Ray Train's clean-up of stopped runs
+        # (Tune's early-stopped trials) relies on; it listens on 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
 
 

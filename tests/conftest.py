@@ -16,7 +16,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, dashboard_host="127.0.0.1",
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level="WARNING", configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,188 @@
+"""`raylm tune`: sweeps of tiny models on the shared local Ray (4 CPUs: 2 trials x 1 worker at a time)."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm import checkpoint as ckpt
+from raylm.cli import main as raylm_main
+from raylm.config import ConfigError, TrainConfig, TuneConfig, build_config, dump_yaml
+from raylm.metrics import read_jsonl
+from raylm.tune import build_tune_configs, check_sweep, trial_config, tune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, log_interval=1, eval_steps=0, batch_size=8)
+# Log-uniform over 1e-5..3e-2 draws some learning rates too small to learn anything in 16 steps (their loss
+# stays near ln(64)); ASHA, halving at steps 2, 4 and 8, stops those.
+SWEEP = dict(max_steps=16, eval_interval=2, save_interval=8, num_samples=4, lr_min=1e-5, lr_max=3e-2,
+             warmup_choices=[0, 2], scheduler="asha", grace_period=2, reduction_factor=2, max_concurrent_trials=2)
+
+
+def configs(data, save_dir, **kw):
+    return build_tune_configs(overrides={"data_dir": str(data), "save_dir": str(save_dir), **TINY, **SWEEP, **kw})
+
+
+def val_losses(trial_dir):
+    return [r["val_loss"] for r in read_jsonl(Path(trial_dir) / "metrics.jsonl") if r.get("val_loss") is not None]
+
+
+# ----------------------------------------------------------------------------- refused before anything starts
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lr_min=1e-2, lr_max=1e-3), r"lr_min \(0.01\) must be smaller than lr_max \(0.001\)"),
+    (dict(lr_min=0), "must be positive"),
+    (dict(num_samples=0), r"num_samples \(0\) must be at least 1"),
+    (dict(warmup_choices=[10, -1]), "must all be >= 0"),
+    (dict(warmup_min=10), "--warmup_min and --warmup_max go together"),
+    (dict(reduction_factor=1), "must be greater than 1"),
+])
+def test_bad_search_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(TuneConfig, overrides=settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(launcher="local"), "drop --launcher local"),
+    (dict(save_interval=5), r"save_interval \(5\) must be a multiple of eval_interval \(2\)"),
+    (dict(grace_period=16), r"grace_period \(16\) must be smaller than max_steps \(16\)"),
+    (dict(eval_interval=0, save_interval=0), "set --eval_interval"),
+    (dict(checkpoint="somewhere"), "--resume to continue an interrupted sweep"),
+])
+def test_sweeps_that_cannot_work_are_refused(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        check_sweep(*configs(tmp_path / "data", tmp_path / "sweep", **settings))
+
+
+def test_one_yaml_holds_search_and_training_settings(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    dump_yaml({"num_samples": 3, "lr_max": 0.05, "max_steps": 7, "hidden_size": 48}, path)
+    tcfg, cfg = build_tune_configs(path, {"max_steps": 9})
+    assert (tcfg.num_samples, tcfg.lr_max, cfg.max_steps, cfg.hidden_size) == (3, 0.05, 9, 48)
+    dump_yaml({"lr_maxx": 1}, path)
+    with pytest.raises(ConfigError, match="Did you mean"):
+        build_tune_configs(path)
+
+
+def test_trial_config_keeps_the_decay_ratio():
+    base = build_config(TrainConfig, overrides={"learning_rate": 3e-4, "min_lr": 3e-5, "save_dir": "x"})
+    cfg = trial_config(vars(base), 1e-2, 7, "/sweep/trial_a")
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.save_dir) == (1e-2, 7, "/sweep/trial_a")
+    assert cfg.min_lr == pytest.approx(1e-3)
+
+
+@pytest.mark.ray
+def test_more_concurrent_trials_than_the_cluster_places_are_refused(ray_session, packed_data, tmp_path):
+    with pytest.raises(ConfigError, match="enough for 4 at once: use --max_concurrent_trials 4"):
+        tune(*configs(packed_data, tmp_path / "sweep", max_concurrent_trials=5))
+    with pytest.raises(ConfigError, match="lower --num_workers"):
+        tune(*configs(packed_data, tmp_path / "sweep", num_workers=8))
+    assert not (tmp_path / "sweep").exists()  # nothing started
+
+
+# ----------------------------------------------------------------------------- sweeps on Ray
+
+
+@pytest.mark.ray
+def test_asha_sweep_finds_the_best_trial_and_its_config_trains(ray_session, packed_data, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    result = tune(*configs(packed_data, sweep))
+    assert result.finished and len(result.trials) == 4
+    rows = {row.trial: row for row in result.trials}
+    # every trial trained into its own folder under save_dir: metrics, TensorBoard, Tune's CSV
+    for name, row in rows.items():
+        assert (sweep / name / "tensorboard").is_dir() and (sweep / name / "progress.csv").exists()
+        assert row.best_val_loss == min(val_losses(sweep / name))
+    stopped = [row for row in result.trials if row.stopped_early]
+    assert stopped and all(row.steps < 16 for row in stopped)
+    assert all(row.steps == 16 for row in result.trials if not row.stopped_early)
+    best = result.trials[0]
+    assert best.best_val_loss == min(row.best_val_loss for row in result.trials)
+    assert not best.stopped_early and best.best_val_loss < min(row.best_val_loss for row in stopped)
+    assert json.loads(Path(result.table_json).read_text())[0]["trial"] == best.trial
+    assert Path(result.table_csv).read_text().splitlines()[1].startswith(best.trial)
+    assert Path(result.plot).stat().st_size > 10_000
+    assert ckpt.verify(result.best_checkpoint) is None and Path(result.best_checkpoint).parent.name == best.trial
+    assert f"Best trial: {best.trial}" in capsys.readouterr().out
+
+    written = yaml.safe_load(Path(result.best_config).read_text())
+    assert set(written) <= set(TrainConfig.__dataclass_fields__)
+    assert (written["learning_rate"], written["warmup_steps"]) == (best.learning_rate, best.warmup_steps)
+    assert written["data_dir"] == str(packed_data) and written["save_dir"] == str(sweep / "best")
+    # the YAML, unchanged, is a `raylm train --config` file
+    assert raylm_main(["train", "--config", result.best_config, "--launcher", "local", "--max_steps", "4"]) == 0
+    assert (sweep / "best" / "final").is_dir() and len(val_losses(sweep / "best")) == 2
+
+
+def finished_trials(sweep_dir: Path) -> set[str]:
+    """Trials that Tune's saved experiment state records as finished (empty while it is being written)."""
+    done = set()
+    for state_file in sweep_dir.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(state_file.read_text())["trial_data"]
+        except (ValueError, KeyError, OSError):
+            continue
+        done |= {t["trial_id"] for t in (json.loads(s) for s, _ in trials) if t["status"] == "TERMINATED"}
+    return done
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session, packed_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    flags = ["--data_dir", str(packed_data), "--save_dir", str(sweep), "--scheduler", "fifo", "--max_steps", "8",
+             "--eval_interval", "4", "--save_interval", "4", "--num_samples", "4", "--max_concurrent_trials", "2",
+             "--lr_min", "1e-3", "--lr_max", "1e-2", "--warmup_steps", "2"]
+    flags += [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "raylm", "tune", *flags], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not finished_trials(sweep):
+            assert proc.poll() is None, "the sweep exited before any trial finished"
+            assert time.monotonic() < deadline, "no trial finished within 4 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = finished_trials(sweep)
+    assert 0 < len(finished) < 4  # killed part-way
+    before = {t: (sweep / f"trial_{t}" / "metrics.jsonl").stat().st_mtime_ns for t in finished}
+
+    assert raylm_main(["tune", *flags, "--resume"]) == 0
+    trials = json.loads((sweep / "tune_trials.json").read_text())
+    assert [(t["status"], t["steps"]) for t in trials] == [("finished", 8)] * 4
+    after = {t: (sweep / f"trial_{t}" / "metrics.jsonl").stat().st_mtime_ns for t in finished}
+    assert after == before  # the finished trials were not trained again
+
+
+@pytest.mark.ray
+def test_bench_smoke_spends_less_with_asha(ray_session, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_tune", ROOT / "jobs" / "bench_tune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    figures = bench.main(["--smoke", "--out_dir", str(tmp_path)])
+    fifo, asha = figures["fifo"], figures["asha"]
+    assert fifo["trial_steps"] == fifo["num_samples"] * fifo["max_steps"]  # FIFO runs every trial to the end
+    assert asha["trial_steps"] <= fifo["trial_steps"]
+    assert asha["best_val_loss"] > 0 and fifo["best_val_loss"] > 0
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_every_trial_fails_says_why(ray_session, packed_data, tmp_path):
+    from raylm.train import TrainingError
+
+    with pytest.raises(TrainingError, match="every trial failed") as err:
+        tune(*configs(packed_data, tmp_path / "sweep", num_samples=1, scheduler="fifo", max_steps=4,
+                      simulate_failure_at_step=3))
+    assert "WorkerGroupError: Training failed due to worker errors" in str(err.value)
+    log = Path(str(err.value).rsplit("its log: ", 1)[1].rstrip(")"))
+    assert "A worker health check failed" in log.read_text()

@@ -1,4 +1,4 @@
-"""The `raylm` command: prepare, train, tune, eval, generate, export, demo.
+"""The `raylm` command: prepare, train, tune, eval, generate, export, demo, plan.
 
     raylm prepare --input_dir ./raw_text_data --output_dir ./processed_data --tokenizer_type bpe
     raylm train --data_dir ./processed_data --save_dir ./checkpoints --model_size tiny --max_steps 200
@@ -45,8 +45,8 @@ def _cmd_tune(args) -> int:
     from raylm.tune import build_tune_configs, tune
 
     overrides = overrides_from_args(args, TuneConfig) | overrides_from_args(args, TrainConfig)
-    tune(*build_tune_configs(args.config_file, overrides))
-    return 0
+    result = tune(*build_tune_configs(args.config_file, overrides))
+    return 0 if result.finished else 130  # interrupted: the same command with --resume continues it
 
 
 def _cmd_eval(args) -> int:
@@ -87,6 +87,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from raylm.config import PlanConfig
+    from raylm.plan import plan
+
+    plan(build_config(PlanConfig, args.config_file, overrides_from_args(args, PlanConfig)))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from raylm.config import DemoConfig
     from raylm.demo import run_demo
@@ -105,6 +113,8 @@ COMMANDS: dict[str, tuple[str, str | tuple[str, ...], str]] = {
     "generate": ("raylm.config", "GenerateConfig", "sample text from a checkpoint"),
     "export": ("raylm.config", "ExportConfig", "write a checkpoint as a Hugging Face Llama folder"),
     "demo": ("raylm.config", "DemoConfig", "the whole pipeline on a built-in corpus, in minutes on a CPU"),
+    "plan": ("raylm.config", "PlanConfig", "GPU memory per worker of a training setup, and the largest micro batch "
+             "that fits"),
 }
 
 
@@ -123,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval, "generate": _cmd_generate,
-            "export": _cmd_export, "demo": _cmd_demo}
+HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval,
+            "generate": _cmd_generate, "export": _cmd_export, "demo": _cmd_demo, "plan": _cmd_plan}
 
 
 def explain_error(e: BaseException) -> str | None:

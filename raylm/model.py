@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 IGNORE_INDEX = -100  # label value whose position contributes no loss (padding, masked prompts)
@@ -244,7 +245,6 @@ class GroupedQueryAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.dropout = config.dropout
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
@@ -259,10 +259,10 @@ class GroupedQueryAttention(nn.Module):
         """x (B, T, hidden) at positions start_pos.. -> (B, T, hidden). With kv_cache, this step's
         keys/values are written into it at [start_pos, start_pos + T) and all cached ones attended."""
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.view(B, T, self.num_heads, self.head_dim), cos, sin)  # (B, T, n_heads, hd)
-        k = apply_rotary(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)  # (B, T, n_kv, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        qkv = self.qkv_proj(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
+        # q and k heads are rotated together: one set of elementwise ops instead of two
+        q, k = apply_rotary(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=2)  # (B, T, n, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
         mask, is_causal = None, True
@@ -277,10 +277,12 @@ class GroupedQueryAttention(nn.Module):
             elif start_pos > 0:  # several new tokens after a prefix: causal, offset by start_pos
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
                 is_causal = False
-        # SDPA's enable_gqa shares each k/v head across its query group without copying, but only
-        # the flash (fp16/bf16) and math kernels support it; in fp32, repeat k/v per query group so
-        # that the memory-efficient kernel stays eligible on GPU.
-        enable_gqa = self.num_kv_heads != self.num_heads and q.dtype in (torch.float16, torch.bfloat16)
+        # SDPA's enable_gqa shares each k/v head across its query group without copying, but on GPU
+        # only the flash (fp16/bf16) and math kernels support it; in fp32 on GPU, repeat k/v per query
+        # group so that the memory-efficient kernel stays eligible. The CPU flash kernel takes
+        # enable_gqa in every dtype (same outputs; the repeat's copies cost ~2% of a CPU step).
+        enable_gqa = self.num_kv_heads != self.num_heads and (
+            q.dtype in (torch.float16, torch.bfloat16) or q.device.type == "cpu")
         if self.num_kv_heads != self.num_heads and not enable_gqa:
             groups = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, S, hd)
@@ -339,6 +341,9 @@ class LLMModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Training memory knob (set from outside, not saved): keep only each block's input in the
+        # forward pass and recompute the block's activations in the backward pass.
+        self.activation_checkpointing = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -369,8 +374,12 @@ class LLMModel(nn.Module):
             )
         cos, sin = self.rotary(start_pos, T)  # (T, head_dim) each
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i] if kv_cache is not None else None, start_pos)
+            if recompute:  # the RNG state is saved and restored, so dropout masks are recomputed identically
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache[i] if kv_cache is not None else None, start_pos)
         return self.norm(x)
 
     def forward(

@@ -50,12 +50,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def weights_checksum(model: torch.nn.Module) -> str:
-    """sha256 of all parameters' bytes, in name order."""
+def weights_checksum(model: torch.nn.Module | dict) -> str:
+    """sha256 of all parameters' bytes (of a model or a state dict), in name order."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    state = model if isinstance(model, dict) else model.state_dict()
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -313,6 +314,82 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def shard_model(model, device: torch.device, world: int, precision: str) -> None:
+    """--strategy fsdp: PyTorch FSDP2, one shard group per TransformerBlock, then the rest (embedding,
+    final norm, lm_head) as the root group. Each fully_shard call moves its parameters to `device`
+    and keeps this rank's 1/world slice (dim 0) as a DTensor, so the whole model never sits on one
+    GPU. bf16/fp16: blocks compute with 16-bit copies of the fp32 sharded weights (no autocast) and
+    gradients are reduced in fp32; the optimizer steps the fp32 shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world,))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def gathered_state(model, optimizer, sharded: bool) -> tuple[dict, dict | None]:
+    """(model, optimizer) state dicts in the one checkpoint format, whatever the strategy: model keys
+    of a plain LLMModel's state_dict(), optimizer state keyed by parameter index as a plain AdamW's
+    (optimizer None: only the model). So every checkpoint exports, evaluates and resumes on any
+    world size and strategy. FSDP: every rank must call this (it all-gathers the shards); the full
+    tensors land on rank 0's CPU, other ranks get empty dicts."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    if not model_state:  # not rank 0
+        return {}, {}
+    if model.config.tie_embeddings:  # gathered as two copies; one tensor under two names, as in the plain model
+        model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+    if optim is not None:  # parameter names -> indices in optimizer order
+        index = {name: i for i, name in enumerate(n for g in optim["param_groups"] for n in g["params"])}
+        optim = {"state": {index[n]: v for n, v in optim["state"].items()},
+                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]}
+    return model_state, optim
+
+
+def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
+    """Load a checkpoint's optimizer state (plain format: parameter indices); under FSDP each rank
+    keeps its slice of the full tensors (set_optimizer_state_dict shards them)."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {p: n for n, p in model.named_parameters()}
+    fqns = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    if len(fqns) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise ValueError("the checkpoint's optimizer state does not match this model's parameters")
+    by_name = {"state": {fqns[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def gradient_sync(runner, model, *, sync: bool, sharded: bool):
+    """Around one micro-step: reduce gradients across workers only on the last one (earlier ones
+    accumulate locally). DDP: no_sync(); FSDP2: set_requires_gradient_sync (it then keeps unsharded
+    fp32 gradients until the last micro-step)."""
+    if sharded:
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif sync or not isinstance(runner, torch.nn.parallel.DistributedDataParallel):
+        yield
+    else:
+        with runner.no_sync():
+            yield
+
+
 def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
     if world_size > 1:
         import torch.distributed as dist
@@ -340,14 +417,17 @@ def loss_sums(model, rows: PackedRows, indices: np.ndarray, *, micro_batch_size:
 
 
 def evaluate(model, rows: PackedRows, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int,
-             device: torch.device, autocast) -> tuple[float, int]:
+             device: torch.device, autocast, sharded: bool = False) -> tuple[float, int]:
     """Mean loss per target token over the first ``max_batches`` x micro x world validation rows
     (all of them if max_batches is 0), split across ranks. Returns (loss, target tokens)."""
     n = len(rows)
     if max_batches:
         n = min(n, max_batches * micro_batch_size * world_size)
-    loss, count = loss_sums(model, rows, np.arange(rank, n, world_size), micro_batch_size=micro_batch_size,
-                            device=device, autocast=autocast)
+    mine = np.arange(rank, n, world_size)
+    loss, count = loss_sums(model, rows, mine, micro_batch_size=micro_batch_size, device=device, autocast=autocast)
+    if sharded:  # FSDP all-gathers weights in every forward: each rank runs as many as the busiest one
+        spare = math.ceil(math.ceil(n / world_size) / micro_batch_size) - math.ceil(len(mine) / micro_batch_size)
+        loss_sums(model, rows, np.zeros(spare, dtype=np.int64), micro_batch_size=1, device=device, autocast=autocast)
     total = _all_reduce_sum(torch.tensor([loss, count], dtype=torch.float64, device=device), world_size)
     loss, count = total.tolist()
     return (loss / count if count else float("nan")), int(count)
@@ -467,15 +547,25 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(config, resume_from)
-    model.to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    sharded = cfg.strategy == "fsdp" and world > 1  # one worker: nothing to shard, the plain model
+    if sharded:
+        shard_model(model, device, world, precision)  # the optimizer below then holds only this rank's slice
+    else:
+        model.to(device)
     model_cfg = model.config
     from raylm.model import configure_optimizer_groups, flops_per_token
 
     optimizer = torch.optim.AdamW(configure_optimizer_groups(model, cfg.weight_decay), lr=lr_at(1, cfg),
                                   betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if sharded:  # skip-or-step must agree across ranks: ShardedGradScaler all-reduces found_inf
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device.type, enabled=precision == "fp16")
+    else:
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if state:
-        optimizer.load_state_dict(ckpt.load_optimizer_state(resume_from))
+        load_optimizer_state(model, optimizer, ckpt.load_optimizer_state(resume_from), sharded)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     seq_len = int(meta["max_length"])
@@ -494,13 +584,14 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         random.seed(cfg.seed + 1000 * rank + start_step)
 
     compiled = torch.compile(model) if cfg.compile_model else model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         runner = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         runner = compiled
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # FSDP's MixedPrecisionPolicy already computes in 16 bits; the loss is fp32 either way (model.py)
+    autocast_dtype = None if sharded else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def autocast():
         if autocast_dtype is None:
@@ -521,6 +612,22 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say("=" * 60)
     say(f"Device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
     say(f"Distributed: {world > 1} (World size: {world})")
+    strategy_note = ""
+    if sharded:
+        strategy_note = f" (FSDP2{', 16-bit compute by its MixedPrecisionPolicy' if precision != 'off' else ''})"
+    elif cfg.strategy == "fsdp":
+        strategy_note = " (1 worker: nothing to shard, same as ddp)"
+    say(f"Strategy: {cfg.strategy}{strategy_note} | Activation checkpointing: {cfg.activation_checkpointing}")
+    from raylm.plan import describe, estimate_memory, largest_micro_batch
+
+    plan_args = (world, cfg.strategy, precision, cfg.activation_checkpointing, cfg.accumulation_steps, device.type)
+    fits = ""
+    if device.type == "cuda":
+        gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+        fits = (f"; largest micro batch for this GPU ({gpu_bytes / 2**30:.0f} GiB): "
+                f"{largest_micro_batch(model_cfg, seq_len, gpu_bytes, *plan_args)}")
+    say(f"Memory estimate per worker: {describe(estimate_memory(model_cfg, seq_len, cfg.micro_batch_size, *plan_args))}"
+        f"{fits}")
     say(f"Model parameters: {n_params:,} ({model.num_params(exclude_embeddings=True):,} without embeddings)")
     say(f"Model: hidden {model_cfg.hidden_size}, layers {model_cfg.num_layers}, heads {model_cfg.num_heads}"
         f" (kv {model_cfg.num_kv_heads or model_cfg.num_heads}), vocab {model_cfg.vocab_size}, context {seq_len}")
@@ -556,11 +663,12 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
 
             rng_all = [None] * world
             dist.all_gather_object(rng_all, _rng_state())
+        model_state, optimizer_state = gathered_state(model, optimizer, sharded)  # FSDP: every rank gathers
         tmp = None
         if is_main:
             tmp = Path(tempfile.mkdtemp(prefix="raylm-ckpt-")) / ckpt.checkpoint_name(step)
             ckpt.write_checkpoint_files(
-                tmp, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(), rng_states=rng_all,
+                tmp, model_state=model_state, optimizer_state=optimizer_state, rng_states=rng_all,
                 state={
                     "step": step, "cursor": dataclasses.asdict(cursor_now),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -592,11 +700,10 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                     raise SimulatedFailure(f"simulated failure at step {step}")
                 os._exit(1)  # the worker process dies, as on a lost machine
             # -- micro-steps: gradients summed over the whole global batch, loss per target token
-            scale = world / max(n_target, 1)  # DDP averages gradients over ranks; undo that
+            scale = world / max(n_target, 1)  # DDP and FSDP average gradients over ranks; undo that
             for i, (ids, labels) in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1
-                sync = contextlib.nullcontext() if (world == 1 or last) else runner.no_sync()
-                with sync:
+                with gradient_sync(runner, model, sync=last, sharded=sharded):
                     with autocast():
                         _, loss_sum = runner(ids, labels=labels, loss_reduction="sum")
                     scaler.scale(loss_sum * scale).backward()
@@ -604,6 +711,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             # -- clip, step (skipped when the gradient is not finite)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if sharded:  # FSDP: a replicated DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
             finite = bool(torch.isfinite(grad_norm))  # the one host sync per step
             if finite:
                 scaler.step(optimizer)
@@ -654,7 +763,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                 eval_model = compiled
                 last_val, _ = evaluate(eval_model, val_rows, micro_batch_size=cfg.micro_batch_size,
                                        max_batches=cfg.eval_steps, rank=rank, world_size=world, device=device,
-                                       autocast=autocast)
+                                       autocast=autocast, sharded=sharded)
                 say(f"Validation Loss: {last_val:.4f} | Perplexity: {math.exp(min(last_val, 50)):.2f}")
                 metrics.update(val_loss=last_val, val_perplexity=math.exp(min(last_val, 50)))
                 if logger:
@@ -672,15 +781,16 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         if logger:
             logger.close()
     # Every rank must end with the same weights (DDP keeps them in step); record the evidence.
-    checksum = [weights_checksum(model)]
-    if world > 1:
+    # FSDP keeps one copy, in slices: the checksum of the gathered weights.
+    checksum = [weights_checksum(gathered_state(model, None, sharded)[0])] if sharded else [weights_checksum(model)]
+    if world > 1 and not sharded:
         import torch.distributed as dist
 
         checksum = [None] * world
         dist.all_gather_object(checksum, weights_checksum(model))
     if is_main:
         waits = np.array(data_wait[1:] or [0.0])
-        summary = {"start_step": start_step, "final_step": step, "world_size": world,
+        summary = {"start_step": start_step, "final_step": step, "world_size": world, "strategy": cfg.strategy,
                    "tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
                    "data_wait_p95_s": float(np.percentile(waits, 95)),
                    "data_wait_p95_fraction": p95_wait_fraction(data_wait, step_times),
@@ -718,7 +828,8 @@ def worker_config(plan: RunPlan) -> dict:
             "data_dir": plan.cfg.data_dir, "run_id": plan.run_id}
 
 
-def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str | None = None):
+def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str | None = None,
+                  callbacks: list | None = None):
     """The TorchTrainer of this run. `raylm tune` builds its trials with this same function."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -738,6 +849,7 @@ def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str |
             name=name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
 

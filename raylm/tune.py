@@ -186,9 +186,8 @@ def run_trial(config: dict, base: dict) -> None:
     newest = ckpt.newest_complete(save_dir, warn=lambda *_: None)
     if newest is not None:
         cfg = dataclasses.replace(cfg, checkpoint=str(newest))
-    trainer = build_trainer(plan_run(cfg))
+    trainer = build_trainer(plan_run(cfg), callbacks=[TuneReportCallback()])
     # Rank 0's reported metrics (and checkpoint paths) become this trial's Tune results.
-    trainer.run_config.callbacks = [TuneReportCallback()]
     trainer.fit()
 
 

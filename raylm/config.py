@@ -433,7 +433,8 @@ class TuneConfig:
     warmup_max: int | None = opt(None, "largest warmup_steps of a uniform range (with warmup_min)")
     scheduler: str = opt("asha", "asha: stop trials whose validation loss lags (successive halving); "
                          "fifo: run every trial to max_steps", choices=SCHEDULERS)
-    metric: str = opt("val_loss", "what the scheduler and the ranking minimise", choices=TUNE_METRICS)
+    metric: str = opt("val_loss", "what ASHA compares at each rung (the trials table ranks by val_loss either way)",
+                      choices=TUNE_METRICS)
     grace_period: int = opt(1000, "asha: steps every trial runs before it can be stopped")
     reduction_factor: float = opt(3.0, "asha: keep the best 1/reduction_factor of trials at each rung")
     max_concurrent_trials: int = opt(0, "trials running at once (0 = as many as the Ray cluster can place)")

@@ -70,8 +70,6 @@ class MetricsLogger:
 
 def plot_curves(records: list[dict], path: str | os.PathLike, *, title: str) -> bool:
     """Train and validation loss (left axis) and learning rate (right axis), written atomically."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,9 +97,18 @@ def plot_curves(records: list[dict], path: str | os.PathLike, *, title: str) -> 
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right")
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as PNG atomically, and free it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-    return True

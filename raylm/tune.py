@@ -43,8 +43,8 @@ from ray import tune as ray_tune
 
 from raylm import checkpoint as ckpt
 from raylm.config import (ConfigError, TrainConfig, TuneConfig, build_config, dump_yaml, load_yaml, to_dict)
-from raylm.metrics import read_jsonl
-from raylm.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, is_remote
+from raylm.metrics import read_jsonl, save_figure
+from raylm.storage import atomic_write_json, atomic_write_text, is_remote
 
 TRIAL_PREFIX = "trial_"
 # Tune refuses an empty resource request; a trial's function only waits on its trainer, so it asks for a
@@ -410,9 +410,5 @@ def plot_val_curves(rows: list[TrialRow], curves: dict[str, list[tuple[int, floa
     ax.set_title(f"raylm tune: {len(rows)} trials (dashed: stopped early)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
     return True

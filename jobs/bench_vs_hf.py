@@ -1,0 +1,178 @@
+"""Training throughput on this machine's CPU: raylm's LLMModel against transformers' LlamaForCausalLM.
+
+    python jobs/bench_vs_hf.py                       # tiny and small-ish, eager and compiled: ~6 min on 2 cores
+    python jobs/bench_vs_hf.py --sizes tiny --modes eager --windows 9
+    python jobs/bench_vs_hf.py --smoke               # seconds; what the tests run
+
+Both models get the same shapes (raylm.export.config_to_hf turns the raylm config into the
+LlamaConfig: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings, rope theta,
+eps), the same weights (raylm's, mapped with raylm.export.state_dict_to_hf), the same random
+tokens, batch and sequence length, and the same plain loop: forward with labels=input_ids (each
+model shifts the labels itself and computes the loss in fp32), backward, clip_grad_norm_(1.0),
+AdamW.step(), zero_grad(set_to_none=True). fp32, no autocast, dropout 0. Hugging Face runs with
+attn_implementation="sdpa" (its default) and use_cache=False (a training loop keeps no KV cache).
+"compiled" is torch.compile(model) with default settings for both.
+
+The two models' timing windows alternate (raylm, HF, HF, raylm, ...) in one process, so a busy
+moment of a shared machine hits both alike; tokens/sec is the median over the windows after
+warm-up (and after compilation), and the ratio is raylm's median over HF's. The same ratio of
+tokens per CPU-second of this process is printed too: on a machine that other work shares it
+moves less than wall-clock time (--threads 1 removes the threads' waits on each other as well).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raylm.export import config_to_hf, state_dict_to_hf  # noqa: E402
+from raylm.model import LLMModel, ModelConfig  # noqa: E402
+
+# Shapes of the two benchmark models; batch and seq are the training batch (sequences x tokens).
+SIZES = {
+    "tiny": dict(model=dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=8000),
+                 batch=8, seq=256),
+    "small-ish": dict(model=dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, vocab_size=8000),
+                      batch=8, seq=256),
+    "smoke": dict(model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=128),
+                  batch=2, seq=16),
+}
+
+
+def build_pair(size: dict, seed: int = 0):
+    """(raylm model, HF model) with identical shapes and weights, in training mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = ModelConfig(**size["model"], max_seq_len=size["seq"], dropout=0.0)
+    torch.manual_seed(seed)
+    ours = LLMModel(config).train()
+    hf_config = LlamaConfig(**config_to_hf(config), attn_implementation="sdpa")
+    hf_config.use_cache = False
+    hf = LlamaForCausalLM(hf_config).train()
+    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), config), strict=False)
+    if config.tie_embeddings:
+        hf.tie_weights()
+    return ours, hf
+
+
+def make_step(model: torch.nn.Module, is_hf: bool, compile_model: bool):
+    """One training step of the plain loop, as a function of the batch; returns the loss tensor."""
+    runner = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        if is_hf:
+            loss = runner(input_ids=ids, labels=ids).loss
+        else:
+            _, loss = runner(ids, labels=ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure_pair(size: dict, compile_model: bool, *, warmup_steps: int, windows: int, steps_per_window: int) -> dict:
+    """Warm tokens/sec of raylm and HF on one size and mode, timing windows interleaved."""
+    ours, hf = build_pair(size)
+    vocab, batch, seq = size["model"]["vocab_size"], size["batch"], size["seq"]
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(4)]
+    steps = {"raylm": make_step(ours, False, compile_model), "hf": make_step(hf, True, compile_model)}
+    first_loss, warm_s = {}, {}
+    for name, step in steps.items():  # warm-up (and compilation): not timed into tokens/sec
+        t = time.perf_counter()
+        for i in range(warmup_steps):
+            loss = step(batches[i % len(batches)])
+            if i == 0:
+                first_loss[name] = float(loss.detach())
+        warm_s[name] = time.perf_counter() - t
+    tps: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_tps: dict[str, list[float]] = {name: [] for name in steps}
+    for w in range(windows):
+        for name in (("raylm", "hf") if w % 2 == 0 else ("hf", "raylm")):
+            t, cpu = time.perf_counter(), time.process_time()
+            for i in range(steps_per_window):
+                loss = steps[name](batches[i % len(batches)])
+            float(loss.detach())  # the window ends when its last step has finished
+            tokens = batch * seq * steps_per_window
+            tps[name].append(tokens / (time.perf_counter() - t))
+            cpu_tps[name].append(tokens / (time.process_time() - cpu))
+    result = {name: statistics.median(v) for name, v in tps.items()}
+    result.update(ratio=result["raylm"] / result["hf"], windows=tps, first_loss=first_loss, warmup_s=warm_s,
+                  params=ours.num_params(), cpu={name: statistics.median(v) for name, v in cpu_tps.items()})
+    result["cpu_ratio"] = result["cpu"]["raylm"] / result["cpu"]["hf"]
+    result["paired_ratio"] = statistics.median(a / b for a, b in zip(tps["raylm"], tps["hf"]))  # adjacent windows
+    result["best_ratio"] = max(tps["raylm"]) / max(tps["hf"])
+    del ours, hf, steps
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small-ish"], choices=[s for s in SIZES if s != "smoke"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--windows", type=int, default=7, help="timed windows per model (medians are taken)")
+    p.add_argument("--steps_per_window", type=int, default=3)
+    p.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run with a toy model")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.modes, args.windows, args.steps_per_window, args.warmup_steps = ["smoke"], ["eager"], 2, 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    load_before = os.getloadavg()[0]  # other work on a shared machine skews every figure below
+    results = {"device": f"CPU x{os.cpu_count()}", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "hf_attn_implementation": "sdpa", "runs": []}
+    t0 = time.perf_counter()
+    for size_name in args.sizes:
+        for mode in args.modes:
+            r = measure_pair(SIZES[size_name], mode == "compiled", warmup_steps=args.warmup_steps,
+                             windows=args.windows, steps_per_window=args.steps_per_window)
+            r.update(size=size_name, mode=mode)
+            results["runs"].append(r)
+            print(f"  {size_name:9s} {mode:8s} raylm {r['raylm']:>9,.0f}  hf {r['hf']:>9,.0f} tokens/s  "
+                  f"ratio {r['ratio']:.3f}", file=sys.stderr, flush=True)
+    results["wall_s"] = time.perf_counter() - t0
+    results["load_average"] = [load_before, os.getloadavg()[0]]
+
+    print("\n" + "=" * 78)
+    print(f"bench_vs_hf: {results['device']} ({results['torch_threads']} torch threads), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; HF attn_implementation=sdpa; fp32; "
+          f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; load average "
+          f"{load_before:.1f} before, {results['load_average'][1]:.1f} after")
+    print(f"{'size':9s} {'mode':8s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} {'HF tok/s':>10s} "
+          f"{'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s}  first loss raylm / HF")
+    for r in results["runs"]:
+        size = SIZES[r["size"]]
+        print(f"{r['size']:9s} {r['mode']:8s} {r['params'] / 1e6:7.1f}M {size['batch'] * size['seq']:>11,} "
+              f"{r['raylm']:>12,.0f} {r['hf']:>10,.0f} {r['ratio']:>8.3f} {r['paired_ratio']:>6.3f} "
+              f"{r['best_ratio']:>6.3f} {r['cpu_ratio']:>9.3f}  "
+              f"{r['first_loss']['raylm']:.4f} / {r['first_loss']['hf']:.4f}")
+    print("raylm/HF: of the median wall-clock tokens/s (the target); paired: median of the ratios of adjacent "
+          "windows; best: of each model's fastest window; per CPU-s: of the median tokens per CPU-second of this "
+          "process. On a machine other work shares, the last three move less than the first.")
+    met = all(r["ratio"] >= 1.1 for r in results["runs"])
+    print(f"target raylm >= 1.1x HF in every pairing: {'met' if met else 'missed'} (wall {results['wall_s']:.0f} s)")
+    print("=" * 78)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

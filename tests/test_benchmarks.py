@@ -1,0 +1,67 @@
+"""Every benchmark in jobs/ runs end to end in --smoke mode and prints its summary (not its timings).
+
+The scripts run as subprocesses with this interpreter, all started at once: each one spends most
+of its time waiting on its own local Ray to start, so together they take about as long as the
+slowest one. A script that does not exist (yet) is skipped.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # ~1-2 minutes for all, on 2 cores
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+TIMEOUT_S = 600  # per script, on a busy 2-core machine
+
+# script -> lines its summary must print (each a substring of some line of its output)
+EXPECTED = {
+    "bench_train.py": ["bench_train: CPU", "measured matmul peak:", "local :", "ray   :", "Ray Train / plain process:",
+                       "data wait p95"],
+    "bench_vs_hf.py": ["bench_vs_hf: CPU", "HF attn_implementation=sdpa", "raylm/HF paired   best per CPU-s",
+                       "smoke     eager", "target raylm >= 1.1x HF in every pairing:"],
+    "bench_prepare.py": ["raylm prepare, bpe vocab 400", "ceiling", "peak PSS MB"],
+    "bench_prepare_scaling.py": ["raylm prepare scaling:", "ceiling MB/s", "scaling bpe 1 -> 2 workers:",
+                                 "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],
+    "bench_tune.py": ["trial-steps", "asha", "fifo", "ASHA / FIFO:"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """{script: (exit code, output)} of every present script's --smoke run, run concurrently."""
+    logs = tmp_path_factory.mktemp("bench-smoke")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # each script starts (and stops) its own local Ray
+    started = {}
+    for name in EXPECTED:
+        if not (JOBS / name).is_file():
+            continue
+        log = open(logs / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, str(JOBS / name), "--smoke"], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=logs, env=env, text=True)
+        started[name] = (proc, log)
+    results = {}
+    for name, (proc, log) in started.items():
+        try:
+            code = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        log.close()
+        results[name] = (code, (logs / f"{name}.log").read_text(errors="replace"))
+    return results
+
+
+@pytest.mark.parametrize("script", list(EXPECTED))
+def test_benchmark_runs_in_smoke_mode_and_prints_its_summary(script, smoke_runs):
+    if not (JOBS / script).is_file():
+        pytest.skip(f"jobs/{script} does not exist yet")
+    code, output = smoke_runs[script]
+    assert code == 0, f"jobs/{script} --smoke exited with {code}:\n{output[-4000:]}"
+    missing = [line for line in EXPECTED[script] if line not in output]
+    assert not missing, f"jobs/{script} --smoke did not print {missing}:\n{output[-4000:]}"

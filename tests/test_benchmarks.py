@@ -28,6 +28,7 @@ EXPECTED = {
     "bench_prepare_scaling.py": ["raylm prepare scaling:", "ceiling MB/s", "scaling bpe 1 -> 2 workers:",
                                  "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],
     "bench_tune.py": ["trial-steps", "asha", "fifo", "ASHA / FIFO:"],
+    "bench_memory.py": ["bench_memory smoke: CPU", "largest |estimate - measured| / measured:"],
 }
 
 

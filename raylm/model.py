@@ -280,7 +280,7 @@ class GroupedQueryAttention(nn.Module):
         # SDPA's enable_gqa shares each k/v head across its query group without copying, but on GPU
         # only the flash (fp16/bf16) and math kernels support it; in fp32 on GPU, repeat k/v per query
         # group so that the memory-efficient kernel stays eligible. The CPU flash kernel takes
-        # enable_gqa in every dtype (same outputs; the repeat's copies cost ~2% of a CPU step).
+        # enable_gqa in every dtype: the same outputs without the repeat's copies and their backward.
         enable_gqa = self.num_kv_heads != self.num_heads and (
             q.dtype in (torch.float16, torch.bfloat16) or q.device.type == "cpu")
         if self.num_kv_heads != self.num_heads and not enable_gqa:

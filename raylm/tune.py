@@ -321,7 +321,9 @@ def trial_row(result, max_steps: int) -> TrialRow:
     steps = max((r["step"] for r in records), default=0)
     if result.error:
         status = "error: " + error_line(str(result.error))
-    elif not result.metrics.get("done"):
+    elif not result.metrics.get("done") and not reached_the_end(Path(result.path), max_steps):
+        # Tune's own "done" is missing when a resumed trial was already at its end (it reports nothing
+        # new); its complete checkpoint at max_steps is the training's own proof that it finished.
         status = "unfinished"
     else:
         status = "finished" if steps >= max_steps else "stopped early"
@@ -329,6 +331,14 @@ def trial_row(result, max_steps: int) -> TrialRow:
                     warmup_steps=int(result.config["warmup_steps"]), steps=steps,
                     best_val_loss=min(values) if values else None, stopped_early=status == "stopped early",
                     status=status)
+
+
+def reached_the_end(trial_dir: Path, max_steps: int) -> bool:
+    """Whether the trial's newest complete checkpoint is at max_steps."""
+    for step, path in ckpt.list_checkpoints(trial_dir):
+        if ckpt.verify(path) is None:
+            return step >= max_steps
+    return False
 
 
 def error_line(traceback_text: str) -> str:

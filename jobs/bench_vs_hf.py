@@ -9,7 +9,10 @@ LlamaConfig: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddin
 eps), the same weights (raylm's, mapped with raylm.export.state_dict_to_hf), the same random
 tokens, batch and sequence length, and the same plain loop: forward with labels=input_ids (each
 model shifts the labels itself and computes the loss in fp32), backward, clip_grad_norm_(1.0),
-AdamW.step(), zero_grad(set_to_none=True). fp32, no autocast, dropout 0. Hugging Face runs with
+AdamW.step(), zero_grad(set_to_none=True). fp32, no autocast, dropout 0. raylm's side runs as
+`raylm train` does on CPU: its loss computed in chunks without materialising the logits
+(LLMModel's return_logits=False) and AdamW's fused kernel; transformers' side is the plain AdamW
+loop of the issue (torch's default AdamW, the loss from full logits). Hugging Face runs with
 attn_implementation="sdpa" (its default) and use_cache=False (a training loop keeps no KV cache).
 "compiled" is torch.compile(model) with default settings for both.
 
@@ -70,14 +73,20 @@ def build_pair(size: dict, seed: int = 0):
 
 def make_step(model: torch.nn.Module, is_hf: bool, compile_model: bool):
     """One training step of the plain loop, as a function of the batch; returns the loss tensor."""
+    from raylm.train import chunked_loss_head, fused_adamw
+
+    cpu = torch.device("cpu")
     runner = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    # raylm's loop as `raylm train` runs it on CPU: fused AdamW, the loss computed in chunks;
+    # transformers' the plain AdamW loop
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
+                                  fused=False if is_hf else fused_adamw(cpu))
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         if is_hf:
             loss = runner(input_ids=ids, labels=ids).loss
         else:
-            _, loss = runner(ids, labels=ids)
+            _, loss = runner(ids, labels=ids, return_logits=not chunked_loss_head(cpu))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -330,6 +330,58 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+LOSS_CHUNK_ROWS = 256  # tokens per chunk of the chunked loss (CPU, 2 cores: fastest from 8k to 32k vocab)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), never holding all the logits.
+
+    Rows go through in chunks: each chunk's logits (fp32) give its loss and, in the same pass while
+    they are still in cache, the gradients for hidden and weight (softmax minus one-hot, times the
+    inputs). The backward only scales those. A (B*T, vocab) logits tensor, its fp32 copy and its
+    gradient are never made: less memory, and on CPU 1.2-1.6x faster than the plain loss head
+    (8k-32k vocab, 2k tokens). Targets equal to IGNORE_INDEX add nothing."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        with_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            valid = t != IGNORE_INDEX
+            safe = torch.where(valid, t, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            if with_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
+                probs.mul_(valid[:, None])
+                probs = probs.to(hidden.dtype)
+                grad_hidden[start:start + chunk] = probs @ weight
+                grad_weight.add_(probs.t() @ h)
+        if with_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          reduction: str = "mean") -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX) in fp32, computed in
+    row chunks (see _ChunkedLinearCrossEntropy). hidden (N, H), weight (vocab, H), targets (N,)."""
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, LOSS_CHUNK_ROWS)
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE_INDEX).sum()  # nan when nothing is scored, as F.cross_entropy
+
+
 class LLMModel(nn.Module):
     """Llama-style causal language model: embed -> blocks -> RMSNorm -> lm_head."""
 
@@ -388,22 +440,31 @@ class LLMModel(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         loss_reduction: str = "mean",
+        return_logits: bool = True,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """input_ids (B, T) -> (logits (B, T, vocab), loss or None).
 
         labels (B, T) are aligned with input_ids (pass labels=input_ids): logits at position t are
         scored against labels[t + 1]. Labels equal to IGNORE_INDEX (-100) add no loss. The loss is
         computed in fp32; "mean" averages over target tokens (nan if there are none), "sum" adds
         them up so the caller can divide by a token count gathered across micro-batches/workers
-        (see count_target_tokens). kv_cache/start_pos are for incremental decoding (new_kv_cache).
+        (see count_target_tokens). return_logits=False (with labels) returns (None, loss) and
+        computes the loss in chunks without ever holding the logits (chunked_cross_entropy): the
+        same loss and gradients, less memory, faster on CPU. kv_cache/start_pos are for
+        incremental decoding (new_kv_cache).
         """
-        logits = self.lm_head(self._hidden_states(input_ids, kv_cache, start_pos))  # (B, T, vocab)
+        hidden = self._hidden_states(input_ids, kv_cache, start_pos)
+        if labels is not None and loss_reduction not in ("mean", "sum"):
+            raise ValueError(f'loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
+        if labels is not None and not return_logits:
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            return None, chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                               loss_reduction)
+        logits = self.lm_head(hidden)  # (B, T, vocab)
         if labels is None:
             return logits, None
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f'loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
         # Shift the labels left instead of slicing the logits, which would copy the (B, T, vocab) tensor.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
         loss = F.cross_entropy(

@@ -93,7 +93,9 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
 def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, world: int = 1, strategy: str = "ddp",
                     precision: str = "off", act_ckpt: bool = False, accumulation_steps: int = 1,
                     device: str = "cuda") -> dict[str, int]:
-    """Bytes per worker at the peak of a training step, by component (and "total").
+    """Bytes per worker at the peak of a training step, by component (and "total"), with the loss
+    computed from full logits as on GPUs (on CPU the training loop's chunked loss needs less: there
+    this is an upper bound).
 
     P = parameters (param_counts), W = world, s = 2 for bf16/fp16 else 4, tokens = micro_batch x seq_len.
     Always resident:
@@ -275,7 +277,8 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
                  act_ckpt: bool = False, device: str = "cpu", micro_steps: int = 2, seed: int = 0) -> int:
     """Peak bytes of one training step of a single-worker model, measured, not estimated: the loop of
     raylm/train.py (micro_steps forward/backward passes under autocast when precision is bf16/fp16,
-    clipping, an AdamW step), after one warm-up step so the optimizer state exists.
+    clipping, an AdamW step), after one warm-up step so the optimizer state exists. The loss is the
+    full-logits one that GPUs run (training on CPU computes it in chunks and needs less).
 
     CUDA: torch.cuda.max_memory_allocated over the step (everything the caching allocator handed out).
     CPU: there is no allocator high-water mark, so: the bytes that exist before the step (weights,
@@ -285,12 +288,13 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
     included, not only tensors Python can see).
     """
     from raylm.model import LLMModel, configure_optimizer_groups
+    from raylm.train import fused_adamw
 
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = LLMModel(dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))).to(dev)
     model.activation_checkpointing = act_ckpt
-    optimizer = torch.optim.AdamW(configure_optimizer_groups(model, 0.1), lr=1e-4, fused=dev.type == "cuda")
+    optimizer = torch.optim.AdamW(configure_optimizer_groups(model, 0.1), lr=1e-4, fused=fused_adamw(dev))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}.get(precision)
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), generator=g).to(dev)
@@ -299,7 +303,7 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
     def step():
         for ids in batches:
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(ids, labels=ids, loss_reduction="sum")
+                _, loss = model(ids, labels=ids, loss_reduction="sum")  # the full-logits loss, as on GPUs
             (loss / ids.numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

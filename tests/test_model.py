@@ -202,6 +202,58 @@ def test_bf16_autocast_on_cpu_gives_finite_loss_close_to_fp32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_gives_the_full_loss_value_and_gradients(monkeypatch, reduction, tied):
+    import raylm.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)  # several chunks, the last one partial
+    x = random_tokens(3, 20)
+    labels = x.clone()
+    labels[1, 5:12] = IGNORE_INDEX
+    losses, grads = [], []
+    for return_logits in (True, False):
+        model = tiny_model(tie_embeddings=tied).train()
+        logits, loss = model(x, labels=labels, loss_reduction=reduction, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_without_gradients_and_under_bf16_autocast():
+    model = tiny_model().train()
+    x = random_tokens(2, 32)
+    _, full = model(x, labels=x)
+    with torch.no_grad():
+        _, no_grad = model(x, labels=x, return_logits=False)
+    torch.testing.assert_close(no_grad, full.detach(), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, bf16 = model(x, labels=x, return_logits=False)
+    bf16.backward()
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - full.item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    only_ignored = torch.full_like(x, IGNORE_INDEX)
+    assert torch.isnan(model(x, labels=only_ignored, return_logits=False)[1])  # as F.cross_entropy's mean
+
+
+@pytest.mark.slow
+def test_compiled_chunked_loss_matches_eager():
+    model = tiny_model().train()
+    x = random_tokens(2, 16)
+    _, eager_loss = model(x, labels=x, return_logits=False)
+    eager_loss.backward()
+    eager_grad = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    _, compiled_loss = torch.compile(model)(x, labels=x, return_logits=False)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.embed_tokens.weight.grad, eager_grad, rtol=1e-3, atol=1e-5)
+
+
 def test_tiny_model_overfits_one_batch():
     model = tiny_model().train()
     x = random_tokens(4, 32)

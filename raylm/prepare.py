@@ -43,7 +43,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from collections import Counter
 from pathlib import Path
 
@@ -533,6 +535,29 @@ def _tokenize_dataset(cfg: PrepareConfig, units: list[dict], tokenizer_ref, work
             encoding_errors=cfg.encoding_errors))
 
 
+def _in_background(fn, *args) -> Future:
+    """fn(*args) in a daemon thread (an interrupted prepare does not wait for it); its Future."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001  (handed to whoever asks for the result)
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=f"raylm-{fn.__name__}", daemon=True).start()
+    return future
+
+
+def _save_trained(tokenizer_ref, out: Path, key: str) -> RaylmTokenizer:
+    """Wait for the tokenizer training task; save its files in out, with their stamp."""
+    import ray
+
+    tok = _load_package(ray.get(tokenizer_ref), out)
+    _write_stamp(out, key, tok)
+    return tok
+
+
 class _FileTally:
     """Per-file outcomes as they come back from the workers: skipped, accepted, bad lines."""
 
@@ -566,6 +591,8 @@ def _tokenize_and_write(cfg: PrepareConfig, discovery: Discovery, out: Path, bui
         print(f"  num_workers {cfg.num_workers} > {cpus} CPUs in the Ray cluster: using {workers}")
     units = _work_units(discovery.files)
     tally = _FileTally()
+    # the trained tokenizer is saved here while the workers start, not after
+    trained = _in_background(_save_trained, tokenizer_ref, out, key) if tok is None else None
     with _ray_data_settings():
         batches = iter(_tokenize_dataset(cfg, units, tokenizer_ref, workers).iter_batches(
             batch_size=None, batch_format="pyarrow", prefetch_batches=4))
@@ -574,9 +601,8 @@ def _tokenize_and_write(cfg: PrepareConfig, discovery: Discovery, out: Path, bui
         except Exception:
             ray.get(tokenizer_ref)  # if training failed, raise its error rather than the workers'
             raise
-        if tok is None:
-            tok = _load_package(ray.get(tokenizer_ref), out)
-            _write_stamp(out, key, tok)
+        if trained is not None:
+            tok = trained.result()
             if tok.vocab_size < cfg.vocab_size:
                 print(f"  the sample holds only {tok.vocab_size:,} distinct tokens (asked for {cfg.vocab_size:,})")
         startup_seconds = time.perf_counter() - t
@@ -607,11 +633,17 @@ def _tokenize_and_write(cfg: PrepareConfig, discovery: Discovery, out: Path, bui
             "startup_seconds": startup_seconds}
 
 
+def _import_ray_data() -> None:
+    import ray.data  # noqa: F401  (a later import waits for this one to finish)
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run `raylm prepare`; returns the metadata (also written to output_dir/metadata.json)."""
     from raylm.runtime import ensure_ray
 
     started = time.perf_counter()
+    # Ray Data takes ~0.5 s to import: let it load while the files are found and Ray starts
+    threading.Thread(target=_import_ray_data, name="raylm-import-ray-data", daemon=True).start()
     out = Path(cfg.output_dir).resolve()
     discovery = _discover(cfg)
     fingerprint = input_fingerprint(discovery)

@@ -1,7 +1,7 @@
 """Benchmark of `raylm prepare`: throughput against tiktoken's ceiling, and memory as the corpus grows.
 
-    python jobs/bench_prepare.py                       # 25 MB and 100 MB corpora, about 2 minutes on 2 cores
-    python jobs/bench_prepare.py --sizes_mb 25 100 400 --num_workers 4
+    python jobs/bench_prepare.py                       # 100 MB and 400 MB corpora, about 4 minutes on 2 cores
+    python jobs/bench_prepare.py --sizes_mb 25 100 --num_workers 4
     python jobs/bench_prepare.py --smoke               # a tiny run, for the tests
 
 It writes a synthetic, text-like corpus (words of the Python standard library's own source,
@@ -155,7 +155,8 @@ def ceiling(corpus: Path, tokenizer_path: Path, threads: int, chunk_mb: float = 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes_mb", type=float, nargs="+", default=[25, 100])
+    p.add_argument("--sizes_mb", type=float, nargs="+", default=[100, 400],
+                   help="corpus sizes; the memory line compares the first and the last")
     p.add_argument("--num_workers", type=int, default=os.cpu_count())
     p.add_argument("--tokenizer_sample_mb", type=float, default=4.0)
     p.add_argument("--vocab_size", type=int, default=32000)

@@ -353,12 +353,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.t()).float()
             valid = t != IGNORE_INDEX
             safe = torch.where(valid, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            # log-softmax by hand, so that the exponentials serve the softmax of the gradient too
+            logits.sub_(logits.amax(dim=-1, keepdim=True))  # shifted: exp cannot overflow
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            exps = logits.exp_()  # in place: the logits are not needed any more
+            sums = exps.sum(dim=-1)
+            loss += ((sums.log() - picked) * valid).sum()
             if with_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs = exps.div_(sums[:, None])  # softmax
                 probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-                probs.mul_(valid[:, None])
+                if not bool(valid.all()):
+                    probs.mul_(valid[:, None])
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = probs @ weight
                 grad_weight.add_(probs.t() @ h)

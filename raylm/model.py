@@ -344,8 +344,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     add nothing."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        with_grad = hidden.requires_grad or weight.requires_grad
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                with_grad: bool):
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -363,8 +363,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if with_grad:
                 probs = exps.div_(sums[:, None])  # softmax
                 probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-                if not bool(valid.all()):
-                    probs.mul_(valid[:, None])
+                probs.mul_(valid[:, None])
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = probs @ weight
                 if probs.dtype == grad_weight.dtype == h.dtype:
@@ -372,23 +371,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 else:  # 16-bit inputs: the product in their dtype, summed in fp32
                     grad_weight.add_(probs.t() @ h)
         if with_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, grad_weight)  # fp32: scaled before any 16-bit cast
+            ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+        return grad_hidden * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           reduction: str = "mean") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX) in fp32, computed in
     row chunks (see _ChunkedLinearCrossEntropy). hidden (N, H), weight (vocab, H), targets (N,)."""
-    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, LOSS_CHUNK_ROWS)
+    # Under no_grad the lm_head weight still "requires grad" (a parameter): ask autograd instead
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, LOSS_CHUNK_ROWS, with_grad)
     if reduction == "sum":
         return total
-    return total / (targets != IGNORE_INDEX).sum()  # nan when nothing is scored, as F.cross_entropy
+    count = (targets != IGNORE_INDEX).sum()
+    # as F.cross_entropy: nan when nothing is scored, with zero (not nan) gradients
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 
 class LLMModel(nn.Module):

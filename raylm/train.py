@@ -404,9 +404,11 @@ def chunked_loss_head(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def fused_adamw(device: torch.device) -> bool:
-    """AdamW's fused kernel: on CUDA and on CPU (one pass over each tensor; 3x faster on CPU)."""
-    return device.type in ("cuda", "cpu")
+def fused_adamw(device: torch.device, sharded_fp16: bool = False) -> bool:
+    """AdamW's fused kernel: on CUDA and on CPU (one pass over each tensor; 3x faster on CPU). Not
+    with FSDP in fp16: ShardedGradScaler's found_inf has shape (1,), which the fused step's
+    foreach_sub_ on its 0-d step counters rejects ("output with shape [] doesn't match ... [1]")."""
+    return device.type in ("cuda", "cpu") and not sharded_fp16
 
 
 @torch.no_grad()
@@ -569,7 +571,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     from raylm.model import configure_optimizer_groups, flops_per_token
 
     optimizer = torch.optim.AdamW(configure_optimizer_groups(model, cfg.weight_decay), lr=lr_at(1, cfg),
-                                  betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device))
+                                  betas=(cfg.beta1, cfg.beta2),
+                                  fused=fused_adamw(device, sharded_fp16=sharded and precision == "fp16"))
     if sharded:  # skip-or-step must agree across ranks: ShardedGradScaler all-reduces found_inf
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

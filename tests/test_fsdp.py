@@ -140,3 +140,14 @@ def test_fsdp_bf16_resumes_a_one_worker_checkpoint(ray_session, tmp_path):
     # bf16 compute (autocast on one worker, FSDP's policy on two) differs in rounding, not in course
     assert losses(two) == pytest.approx(losses(one)[6:], rel=0.03)
     assert all(t.dtype == torch.float32 for t in ckpt.load_model_state(two / "final").values())
+
+
+@pytest.mark.ray
+def test_fsdp_fp16_trains_with_its_sharded_grad_scaler(ray_session, packed_data, tmp_path):
+    """fp16 under FSDP: ShardedGradScaler with the unfused AdamW (the fused kernel rejects that
+    scaler's found_inf), the chunked loss head's fp16 weight gradient scaled before its cast."""
+    train(cfg_for(packed_data, tmp_path, strategy="fsdp", mixed_precision="fp16", **{**RUN, "max_steps": 6}))
+    s = summary(tmp_path)
+    assert s["final_step"] == 6 and s["world_size"] == 2
+    assert math.isfinite(s["final_val_loss"]) and s["nonfinite_steps"] < 6
+    assert all(math.isfinite(x) for x in losses(tmp_path))

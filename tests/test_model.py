@@ -237,7 +237,26 @@ def test_chunked_loss_without_gradients_and_under_bf16_autocast():
     assert bf16.dtype == torch.float32 and abs(bf16.item() - full.item()) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     only_ignored = torch.full_like(x, IGNORE_INDEX)
-    assert torch.isnan(model(x, labels=only_ignored, return_logits=False)[1])  # as F.cross_entropy's mean
+    model.zero_grad()
+    _, nothing_scored = model(x, labels=only_ignored, return_logits=False)
+    nothing_scored.backward()
+    assert torch.isnan(nothing_scored)  # as F.cross_entropy's mean, and as there, zero gradients
+    assert all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in model.parameters())
+
+
+def test_chunked_loss_builds_no_gradients_under_no_grad(monkeypatch):
+    import raylm.model as model_module
+
+    asked = []
+    apply = model_module._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(model_module._ChunkedLinearCrossEntropy, "apply",
+                        lambda *args: asked.append(args[-1]) or apply(*args))
+    model = tiny_model().train()  # its lm_head weight requires grad, even under no_grad
+    x = random_tokens(2, 16)
+    with torch.no_grad():
+        model(x, labels=x, return_logits=False)
+    model(x, labels=x, return_logits=False)
+    assert asked == [False, True]  # evaluation skips the gradient work; training does it
 
 
 @pytest.mark.slow

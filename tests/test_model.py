@@ -172,8 +172,9 @@ def test_forward_rejects_bad_arguments():
 def test_forward_has_no_graph_breaks():
     model = tiny_model()
     x = random_tokens(2, 16)
-    explanation = torch._dynamo.explain(model)(x, labels=x)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    for return_logits in (True, False):  # False: the chunked loss head
+        explanation = torch._dynamo.explain(model)(x, labels=x, return_logits=return_logits)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 @pytest.mark.slow

@@ -55,7 +55,8 @@ def run_once(args, data_dir: str, launcher: str, save_dir: str) -> dict:
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
         warmup_steps=2, learning_rate=3e-4, log_interval=args.log_interval, eval_interval=0, eval_steps=1,
         save_interval=0, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
-        compile_model=args.compile_model, launcher=launcher, cpus_per_worker=args.cpus_per_worker)
+        compile_model=args.compile_model, launcher=launcher, cpus_per_worker=args.cpus_per_worker,
+        loss_chunking=args.loss_chunking)
     t = time.perf_counter()
     train(cfg)
     summary = json.loads((Path(save_dir) / "summary.json").read_text())
@@ -79,6 +80,8 @@ def main(argv=None) -> dict:
     p.add_argument("--use_gpu", action="store_true")
     p.add_argument("--mixed_precision", default="off")
     p.add_argument("--compile_model", action="store_true")
+    p.add_argument("--loss_chunking", default="auto", choices=["auto", "on", "off"],
+                   help="as `raylm train --loss_chunking`: auto = chunked on CPU, full logits on GPUs")
     p.add_argument("--cpus_per_worker", type=int, default=1)
     p.add_argument("--launchers", default="local,ray", help="which runs, in order")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -115,7 +118,7 @@ def main(argv=None) -> dict:
     print("\n" + "=" * 72)
     print(f"bench_train: {results['device']}, torch {results['torch']}, model {args.model_size or 'custom'}, "
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
-          f"precision {args.mixed_precision}, compile {args.compile_model}")
+          f"precision {args.mixed_precision}, compile {args.compile_model}, loss_chunking {args.loss_chunking}")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f" | datasheet: {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
     for name, r in results["runs"].items():
         if r["tokens_per_sec"] is None:

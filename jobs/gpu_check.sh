@@ -20,3 +20,9 @@ python3 jobs/bench_train.py --use_gpu --model_size small --vocab_size 32000 --se
   --micro_batch_size ${MICRO:-32} --mixed_precision bf16 --compile_model --max_steps ${STEPS:-60} --log_interval 10 \
   --cpus_per_worker 4 --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
 grep -E "Step [0-9]+/|bench_train|peak|tokens/s|Ray Train /|Error|error" "$OUT/bench_gpu.log" | grep -v Reporting | tail -30
+# the chunked loss head on the GPU (auto keeps it off there until this is measured): one plain run
+python3 jobs/bench_train.py --use_gpu --model_size small --vocab_size 32000 --seq_len 1024 --batch_size 64 \
+  --micro_batch_size ${MICRO:-32} --mixed_precision bf16 --compile_model --max_steps ${STEPS:-60} --log_interval 10 \
+  --cpus_per_worker 4 --launchers local --loss_chunking on --out "$OUT/bench_gpu_chunked.json" \
+  > "$OUT/bench_gpu_chunked.log" 2>&1
+grep -E "bench_train|peak|tokens/s|MFU|Error|error" "$OUT/bench_gpu_chunked.log" | grep -v Reporting | tail -10

@@ -234,6 +234,7 @@ class PrepareConfig:
 
 PRECISIONS = ("off", "auto", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
+LOSS_CHUNKING = ("auto", "on", "off")
 
 
 @dataclasses.dataclass
@@ -280,6 +281,9 @@ class TrainConfig:
                         choices=STRATEGIES)
     activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward "
                                          "pass: far less activation memory for about a third more compute")
+    loss_chunking: str = opt("auto", "compute the loss in chunks of 256 tokens without ever holding the (tokens x "
+                             "vocabulary) logits: same loss and gradients, less memory. auto: on CPU (faster "
+                             "there), off on GPUs (not measured there yet)", choices=LOSS_CHUNKING)
     wait_for_workers: bool = opt(False, "the cluster adds nodes on demand (ray up): wait for the GPUs/CPUs this "
                                  "run needs instead of failing when they are not up yet")
     launcher: str = opt("ray", "ray: Ray Train workers; local: the same loop in this process (1 worker, no Ray)",
@@ -328,6 +332,8 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}")
+        if self.loss_chunking not in LOSS_CHUNKING:
+            raise ConfigError(f"loss_chunking ({self.loss_chunking!r}) must be one of {', '.join(LOSS_CHUNKING)}")
 
     @property
     def accumulation_steps(self) -> int:

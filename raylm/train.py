@@ -397,11 +397,12 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
     return t
 
 
-def chunked_loss_head(device: torch.device) -> bool:
+def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     """Whether the model computes its loss in chunks, never holding the logits (LLMModel's
-    return_logits=False). On CPU it is faster (jobs/bench_vs_hf.py); on GPUs the full-logits path
-    stays, as measured there (throughput and the memory plan), until the chunked one is measured too."""
-    return device.type == "cpu"
+    return_logits=False): --loss_chunking on/off, or auto: on CPU, where it is faster
+    (jobs/bench_vs_hf.py); on GPUs the full-logits path stays, as measured there (throughput and
+    the memory plan), until the chunked one is measured too."""
+    return setting == "on" or (setting == "auto" and device.type == "cpu")
 
 
 def fused_adamw(device: torch.device, sharded_fp16: bool = False) -> bool:
@@ -413,7 +414,7 @@ def fused_adamw(device: torch.device, sharded_fp16: bool = False) -> bool:
 
 @torch.no_grad()
 def loss_sums(model, rows: PackedRows, indices: np.ndarray, *, micro_batch_size: int, device: torch.device,
-              autocast=contextlib.nullcontext) -> tuple[float, int]:
+              autocast=contextlib.nullcontext, loss_chunking: str = "auto") -> tuple[float, int]:
     """(summed loss in nats, target tokens) over these rows. `raylm eval` uses it too."""
     was_training = model.training
     model.eval()
@@ -423,7 +424,7 @@ def loss_sums(model, rows: PackedRows, indices: np.ndarray, *, micro_batch_size:
         ids, labels = rows.batch(part)
         with autocast():
             _, loss_sum = model(ids.to(device), labels=labels.to(device), loss_reduction="sum",
-                                return_logits=not chunked_loss_head(device))
+                                return_logits=not chunked_loss_head(device, loss_chunking))
         total += loss_sum.double()
         count += rows.target_tokens(part)
     model.train(was_training)
@@ -431,17 +432,19 @@ def loss_sums(model, rows: PackedRows, indices: np.ndarray, *, micro_batch_size:
 
 
 def evaluate(model, rows: PackedRows, *, micro_batch_size: int, max_batches: int, rank: int, world_size: int,
-             device: torch.device, autocast, sharded: bool = False) -> tuple[float, int]:
+             device: torch.device, autocast, sharded: bool = False, loss_chunking: str = "auto") -> tuple[float, int]:
     """Mean loss per target token over the first ``max_batches`` x micro x world validation rows
     (all of them if max_batches is 0), split across ranks. Returns (loss, target tokens)."""
     n = len(rows)
     if max_batches:
         n = min(n, max_batches * micro_batch_size * world_size)
     mine = np.arange(rank, n, world_size)
-    loss, count = loss_sums(model, rows, mine, micro_batch_size=micro_batch_size, device=device, autocast=autocast)
+    loss, count = loss_sums(model, rows, mine, micro_batch_size=micro_batch_size, device=device, autocast=autocast,
+                            loss_chunking=loss_chunking)
     if sharded:  # FSDP all-gathers weights in every forward: each rank runs as many as the busiest one
         spare = math.ceil(math.ceil(n / world_size) / micro_batch_size) - math.ceil(len(mine) / micro_batch_size)
-        loss_sums(model, rows, np.zeros(spare, dtype=np.int64), micro_batch_size=1, device=device, autocast=autocast)
+        loss_sums(model, rows, np.zeros(spare, dtype=np.int64), micro_batch_size=1, device=device, autocast=autocast,
+                  loss_chunking=loss_chunking)
     total = _all_reduce_sum(torch.tensor([loss, count], dtype=torch.float64, device=device), world_size)
     loss, count = total.tolist()
     return (loss / count if count else float("nan")), int(count)
@@ -605,7 +608,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         runner = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         runner = compiled
-    logits_out = not chunked_loss_head(device)
+    logits_out = not chunked_loss_head(device, cfg.loss_chunking)
     # FSDP's MixedPrecisionPolicy already computes in 16 bits; the loss is fp32 either way (model.py)
     autocast_dtype = None if sharded else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -779,7 +782,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                 eval_model = compiled
                 last_val, _ = evaluate(eval_model, val_rows, micro_batch_size=cfg.micro_batch_size,
                                        max_batches=cfg.eval_steps, rank=rank, world_size=world, device=device,
-                                       autocast=autocast, sharded=sharded)
+                                       autocast=autocast, sharded=sharded, loss_chunking=cfg.loss_chunking)
                 say(f"Validation Loss: {last_val:.4f} | Perplexity: {math.exp(min(last_val, 50)):.2f}")
                 metrics.update(val_loss=last_val, val_perplexity=math.exp(min(last_val, 50)))
                 if logger:

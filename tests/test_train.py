@@ -192,3 +192,20 @@ def test_resume_on_a_different_number_of_workers(ray_session, packed_data, tmp_p
     train(cfg_for(packed_data, one, max_steps=12, num_workers=2, micro_batch_size=4, checkpoint=str(one)))
     s = summary(one)
     assert s["start_step"] == 6 and s["world_size"] == 2 and s["final_step"] == 12
+
+
+def test_loss_chunking_on_and_off_train_alike(packed_data, tmp_path):
+    """--loss_chunking: the chunked loss head and the full-logits one give the same run, to rounding."""
+    for setting in ("on", "off"):
+        train(cfg_for(packed_data, tmp_path / setting, max_steps=6, launcher="local", eval_interval=3,
+                      loss_chunking=setting))
+    assert losses(tmp_path / "on") == pytest.approx(losses(tmp_path / "off"), rel=1e-4)
+    assert summary(tmp_path / "on")["final_val_loss"] == pytest.approx(summary(tmp_path / "off")["final_val_loss"],
+                                                                      rel=1e-4)
+    with pytest.raises(ConfigError, match="loss_chunking"):
+        cfg_for(packed_data, tmp_path / "bad", loss_chunking="sometimes")
+    from raylm.train import chunked_loss_head
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [chunked_loss_head(d, s) for d in (cpu, cuda) for s in ("auto", "on", "off")] == [
+        True, True, False, False, True, False]

@@ -366,7 +366,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = probs @ weight
-                if probs.dtype == grad_weight.dtype == h.dtype:
+                if hidden.dtype == torch.float32:
                     grad_weight.addmm_(probs.t(), h)  # no (vocab, hidden) temporary per chunk
                 else:  # 16-bit inputs: the product in their dtype, summed in fp32
                     grad_weight.add_(probs.t() @ h)
@@ -469,17 +469,16 @@ class LLMModel(nn.Module):
         incremental decoding (new_kv_cache).
         """
         hidden = self._hidden_states(input_ids, kv_cache, start_pos)
-        if labels is not None and loss_reduction not in ("mean", "sum"):
+        if labels is None:
+            return self.lm_head(hidden), None  # (B, T, vocab)
+        if loss_reduction not in ("mean", "sum"):
             raise ValueError(f'loss_reduction must be "mean" or "sum", got {loss_reduction!r}')
-        if labels is not None and not return_logits:
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        # Shift the labels left instead of slicing the logits, which would copy the (B, T, vocab) tensor.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+        if not return_logits:
             return None, chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                                loss_reduction)
         logits = self.lm_head(hidden)  # (B, T, vocab)
-        if labels is None:
-            return logits, None
-        # Shift the labels left instead of slicing the logits, which would copy the (B, T, vocab) tensor.
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=loss_reduction
         )

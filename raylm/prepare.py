@@ -45,8 +45,8 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import Future
 from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -642,8 +642,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     from raylm.runtime import ensure_ray
 
     started = time.perf_counter()
-    # Ray Data takes ~0.5 s to import: let it load while the files are found and Ray starts
-    threading.Thread(target=_import_ray_data, name="raylm-import-ray-data", daemon=True).start()
     out = Path(cfg.output_dir).resolve()
     discovery = _discover(cfg)
     fingerprint = input_fingerprint(discovery)
@@ -668,6 +666,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     t = time.perf_counter()
     ensure_ray()
     timings["ray_start"] = time.perf_counter() - t
+    # Ray Data takes ~0.5 s to import: let it load while the tokenizer sample is read. (Not during
+    # ensure_ray, whose own imports of Ray's modules could race it.)
+    threading.Thread(target=_import_ray_data, name="raylm-import-ray-data", daemon=True).start()
 
     t = time.perf_counter()
     build = out / BUILD_DIR

@@ -335,10 +335,8 @@ def trial_row(result, max_steps: int) -> TrialRow:
 
 def reached_the_end(trial_dir: Path, max_steps: int) -> bool:
     """Whether the trial's newest complete checkpoint is at max_steps."""
-    for step, path in ckpt.list_checkpoints(trial_dir):
-        if ckpt.verify(path) is None:
-            return step >= max_steps
-    return False
+    newest = ckpt.newest_complete(trial_dir, warn=lambda *_: None)
+    return newest is not None and newest.name == ckpt.checkpoint_name(max_steps)
 
 
 def error_line(traceback_text: str) -> str:

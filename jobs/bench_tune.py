@@ -1,6 +1,6 @@
 """Benchmark of `raylm tune`: ASHA against FIFO (every trial to the end) on the same search space.
 
-    python jobs/bench_tune.py                  # 12 trials per scheduler, 2 at a time: 13 min on a busy 2-core VM
+    python jobs/bench_tune.py                  # 12 trials per scheduler, 2 at a time: ~5 min on 2 cores
     python jobs/bench_tune.py --num_samples 16 --max_steps 300
     python jobs/bench_tune.py --smoke          # 2 trials per scheduler, a few steps: for the tests
     ray job submit --working-dir . -- python jobs/bench_tune.py

@@ -442,7 +442,8 @@ class TuneConfig:
     metric: str = opt("val_loss", "what ASHA compares at each rung (the trials table ranks by val_loss either way)",
                       choices=TUNE_METRICS)
     grace_period: int = opt(1000, "asha: steps every trial runs before it can be stopped")
-    reduction_factor: float = opt(3.0, "asha: keep the best 1/reduction_factor of trials at each rung")
+    reduction_factor: float = opt(3.0, "asha: rungs at grace_period x reduction_factor**k steps; a trial goes on "
+                                  "while it is in the best 1/reduction_factor of the trials at its highest rung")
     max_concurrent_trials: int = opt(0, "trials running at once (0 = as many as the Ray cluster can place)")
     search_seed: int = opt(0, "seed of the sampled learning rates and warmups")
     resume: bool = opt(False, "continue the interrupted sweep in --save_dir; finished trials are not run again")

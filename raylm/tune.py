@@ -9,9 +9,10 @@
 Each trial is a Ray Tune function trainable (`run_trial`) that builds the TorchTrainer of `raylm train`
 (`plan_run` + `build_trainer`) from the shared TrainConfig with the trial's sampled learning_rate and
 warmup_steps, and runs it. Rank 0's metrics of every evaluation reach Tune through Ray Train's
-TuneReportCallback, so ASHA can stop a trial whose validation loss lags at `step` = grace_period,
-grace_period x reduction_factor, ... The trial function only waits on its trainer, so it reserves no CPU;
-its training workers reserve what `raylm train` would.
+TuneReportCallback, so the scheduler (`SuccessiveHalving`, raylm's ASHA) can stop a trial whose validation
+loss lags at its rung (`step` = grace_period, grace_period x reduction_factor, ...), judged again as other
+trials reach that rung. The trial function only waits on its trainer, so it reserves no CPU; its training
+workers reserve what `raylm train` would.
 
 save_dir/ is the Tune experiment:
 
@@ -24,7 +25,7 @@ save_dir/ is the Tune experiment:
     best_config.yaml       the best trial's TrainConfig, for `raylm train --config`
 
 A resumed sweep (Tuner.restore) keeps its finished trials; an interrupted trial continues from its newest
-checkpoint. ASHA's record of earlier results is not restored, so it judges resumed trials afresh.
+checkpoint. The scheduler's record of earlier results is not restored, so it judges resumed trials afresh.
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 from ray import tune as ray_tune
+from ray.tune.schedulers import FIFOScheduler
 
 from raylm import checkpoint as ckpt
 from raylm.config import (ConfigError, TrainConfig, TuneConfig, build_config, dump_yaml, load_yaml, to_dict)
@@ -50,6 +53,7 @@ TRIAL_PREFIX = "trial_"
 # Tune refuses an empty resource request; a trial's function only waits on its trainer, so it asks for a
 # little memory and no CPU, and every CPU of the cluster stays free for training workers.
 TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+TRIAL_POLL_INTERVAL_S = 0.25  # how often a trial's Train controller collects reports (Ray's default: 2 s)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -181,6 +185,10 @@ def run_trial(config: dict, base: dict) -> None:
 
     from raylm.train import build_trainer, plan_run
 
+    # Ray Train's controller collects its workers' reports by polling them, every 2 s by default, and the
+    # sweep's scheduler can stop a trial only once its report arrives: trials poll more often, so a stopped
+    # trial trains fewer steps past its rung. The controller inherits this variable from this process.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRIAL_POLL_INTERVAL_S))
     save_dir = Path(base["save_dir"]) / f"{TRIAL_PREFIX}{ray_tune.get_context().get_trial_id()}"
     cfg = trial_config(base, config["learning_rate"], config["warmup_steps"], save_dir)
     newest = ckpt.newest_complete(save_dir, warn=lambda *_: None)
@@ -233,6 +241,88 @@ class FreeStoppedTrainers(ray_tune.Callback):
             free_orphaned_placement_groups()
 
 
+# ----------------------------------------------------------------------------- early stopping
+
+
+class SuccessiveHalving(FIFOScheduler):
+    """Asynchronous successive halving (ASHA) that keeps judging: the ``--scheduler asha`` of raylm tune.
+
+    Rungs lie at grace_period x reduction_factor**k steps, below max_t. A trial's validation loss at the
+    first report at or past a rung is recorded there. A trial may go on only while its loss at its highest
+    rung is within the best 1/reduction_factor of every loss recorded at that rung (the same percentile
+    cut as Ray's ASHAScheduler). Ray's scheduler applies the cut once, when the trial arrives, so the first
+    trials at each rung pass unopposed and a poor one among them trains to max_t; here the cut is applied
+    again at each of the trial's later reports, against the trials that have reached the rung since. That
+    is closer to the ASHA paper (Li et al., 2020), where a trial goes on only while it is in the top
+    1/reduction_factor of its rung, and it pauses no one. A non-finite loss stops its trial at once. The
+    record lives in the driver and starts afresh in a resumed sweep.
+    """
+
+    def __init__(self, *, time_attr: str, max_t: int, grace_period: int, reduction_factor: float):
+        super().__init__()
+        if grace_period < 1 or max_t <= grace_period or reduction_factor <= 1:
+            raise ValueError(f"successive halving needs 1 <= grace_period < max_t and reduction_factor > 1, got "
+                             f"grace_period {grace_period}, max_t {max_t}, reduction_factor {reduction_factor}")
+        self.time_attr, self.reduction_factor = time_attr, float(reduction_factor)
+        rungs, milestone = [], float(grace_period)
+        while milestone < max_t:
+            rungs.append(milestone)
+            milestone *= reduction_factor
+        self.rungs = rungs  # ascending
+        self.recorded: dict[float, dict[str, float]] = {m: {} for m in rungs}  # rung -> trial id -> loss
+        self.num_stopped = 0
+        self._sign = 1.0
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        ok = super().set_search_properties(metric, mode, **spec)
+        self._sign = -1.0 if mode == "max" else 1.0  # losses are kept lower-is-better
+        return ok
+
+    def cutoff(self, rung: float) -> float:
+        """The highest loss at `rung` that still goes on: the 1/reduction_factor quantile of its record."""
+        values = np.nan_to_num(np.fromiter(self.recorded[rung].values(), float), nan=np.inf, posinf=_HUGE)
+        return float(np.percentile(values, 100.0 / self.reduction_factor))
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if self.time_attr not in result or self._metric not in result:
+            return self.CONTINUE
+        loss = self._sign * float(result[self._metric])
+        if not math.isfinite(loss):
+            self.num_stopped += 1
+            return self.STOP
+        self.record(trial.trial_id, result[self.time_attr], loss)
+        return self.judge(trial.trial_id)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if result and self.time_attr in result and self._metric in result:
+            loss = self._sign * float(result[self._metric])
+            self.record(trial.trial_id, result[self.time_attr], loss if math.isfinite(loss) else math.inf)
+
+    def record(self, trial_id: str, t: float, loss: float) -> None:
+        """Record `loss` at the highest rung `t` has reached, if this trial has none there yet."""
+        reached = [m for m in self.rungs if t >= m]
+        if reached and trial_id not in self.recorded[reached[-1]]:
+            self.recorded[reached[-1]][trial_id] = loss
+
+    def judge(self, trial_id: str) -> str:
+        """STOP unless the trial is within the cut at its highest recorded rung."""
+        for rung in reversed(self.rungs):
+            if trial_id in self.recorded[rung]:
+                if self.recorded[rung][trial_id] > self.cutoff(rung):
+                    self.num_stopped += 1
+                    return self.STOP
+                break
+        return self.CONTINUE
+
+    def debug_string(self) -> str:
+        rungs = ", ".join(f"{m:g}: {len(r)} trials" for m, r in self.recorded.items())
+        return (f"Successive halving (reduction factor {self.reduction_factor:g}): {self.num_stopped} stopped; "
+                f"rungs {rungs}")
+
+
+_HUGE = 1e300  # stands for an infinite loss in a percentile (inf - x would make it nan)
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 
@@ -263,7 +353,6 @@ class SweepResult:
 def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     """Validate, run (or resume) the sweep on Ray, and write the trials table, the validation-loss
     plot and the best configuration into save_dir."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raylm.runtime import ensure_ray
@@ -290,9 +379,9 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     else:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(sweep_settings(tcfg, cfg), saved)
-        scheduler = FIFOScheduler() if tcfg.scheduler == "fifo" else ASHAScheduler(
+        scheduler = FIFOScheduler() if tcfg.scheduler == "fifo" else SuccessiveHalving(
             time_attr="step", max_t=cfg.max_steps, grace_period=tcfg.grace_period,
-            reduction_factor=tcfg.reduction_factor, stop_last_trials=False)  # a trial at max_steps ends itself
+            reduction_factor=tcfg.reduction_factor)
         tuner = ray_tune.Tuner(
             trainable,
             param_space=search_space(tcfg, cfg),

@@ -15,7 +15,7 @@ from raylm import checkpoint as ckpt
 from raylm.cli import main as raylm_main
 from raylm.config import ConfigError, TrainConfig, TuneConfig, build_config, dump_yaml
 from raylm.metrics import read_jsonl
-from raylm.tune import build_tune_configs, check_sweep, trial_config, tune
+from raylm.tune import SuccessiveHalving, build_tune_configs, check_sweep, trial_config, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, log_interval=1, eval_steps=0, batch_size=8)
@@ -79,6 +79,83 @@ def test_trial_config_keeps_the_decay_ratio():
 
 
 @pytest.mark.ray
+# ----------------------------------------------------------------------------- the early-stopping rule
+
+
+class _Trial:
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
+def _halving(**kw):
+    scheduler = SuccessiveHalving(time_attr="step", **({"max_t": 200, "grace_period": 10, "reduction_factor": 3} | kw))
+    scheduler.set_search_properties("val_loss", "min")
+    return scheduler
+
+
+def test_halving_rungs_are_geometric_below_max_t():
+    assert _halving().rungs == [10, 30, 90]
+    assert _halving(grace_period=2, max_t=16, reduction_factor=2).rungs == [2, 4, 8]
+    with pytest.raises(ValueError, match="grace_period < max_t"):
+        _halving(grace_period=200)
+
+
+def test_a_trial_that_passed_a_rung_unopposed_is_stopped_once_better_trials_reach_it():
+    """The case Ray's ASHAScheduler gets wrong for the first trials: it lets the first arrival at a rung
+    through for good. Both schedulers see the same reports; only raylm's stops the poor first trial."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    ray_asha = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=200, grace_period=10,
+                             reduction_factor=3, stop_last_trials=False)
+    ours = _halving()
+    poor, good, better = _Trial("poor"), _Trial("good"), _Trial("better")
+    for s in (ray_asha, ours):
+        s.on_trial_add(None, poor), s.on_trial_add(None, good), s.on_trial_add(None, better)
+    reports = [(poor, 10, 5.0), (good, 10, 2.0), (better, 10, 1.0), (poor, 20, 4.9), (good, 20, 1.9),
+               (better, 20, 0.9)]
+    ray_actions = [ray_asha.on_trial_result(None, t, {"step": n, "val_loss": v}) for t, n, v in reports]
+    our_actions = [ours.on_trial_result(None, t, {"step": n, "val_loss": v}) for t, n, v in reports]
+    # Each arrival beats the ones before it, so Ray lets all three through, to train on to step 200.
+    assert ray_actions == ["CONTINUE"] * 6
+    # Once all three are at rung 10, only the best third goes on.
+    assert our_actions == ["CONTINUE"] * 3 + ["STOP", "STOP", "CONTINUE"]
+    assert ours.num_stopped == 2
+
+
+def test_a_trial_is_judged_at_its_highest_rung_only():
+    s = _halving()
+    a, b, c = _Trial("a"), _Trial("b"), _Trial("c")
+    assert s.on_trial_result(None, a, {"step": 10, "val_loss": 3.0}) == "CONTINUE"
+    assert s.on_trial_result(None, a, {"step": 30, "val_loss": 1.0}) == "CONTINUE"
+    # Two trials better than "a" at rung 10 do not stop it: it is past rung 30, alone there.
+    assert s.on_trial_result(None, b, {"step": 10, "val_loss": 2.0}) == "CONTINUE"
+    assert s.on_trial_result(None, c, {"step": 10, "val_loss": 0.5}) == "CONTINUE"
+    assert s.on_trial_result(None, a, {"step": 40, "val_loss": 0.9}) == "CONTINUE"
+    assert s.on_trial_result(None, b, {"step": 20, "val_loss": 1.9}) == "STOP"  # not in the best third of 3
+    # "c" reaches rung 30 with a better loss: now "a" is outside the best third there.
+    assert s.on_trial_result(None, c, {"step": 30, "val_loss": 0.4}) == "CONTINUE"
+    assert s.on_trial_result(None, a, {"step": 50, "val_loss": 0.8}) == "STOP"
+    assert s.recorded[30] == {"a": 1.0, "c": 0.4}
+
+
+def test_reports_without_the_metric_are_ignored_and_a_nonfinite_loss_stops():
+    s = _halving()
+    t = _Trial("t")
+    assert s.on_trial_result(None, t, {"step": 10, "lr": 1e-3}) == "CONTINUE"
+    assert s.on_trial_result(None, t, {"step": 10, "val_loss": float("nan")}) == "STOP"
+    u = _Trial("u")
+    assert s.on_trial_result(None, u, {"step": 5, "val_loss": 9.0}) == "CONTINUE"  # before the first rung
+    assert s.recorded[10] == {}
+
+
+def test_halving_maximises_when_the_mode_is_max():
+    s = SuccessiveHalving(time_attr="step", max_t=100, grace_period=10, reduction_factor=2)
+    s.set_search_properties("accuracy", "max")
+    assert s.on_trial_result(None, _Trial("low"), {"step": 10, "accuracy": 0.2}) == "CONTINUE"
+    assert s.on_trial_result(None, _Trial("high"), {"step": 10, "accuracy": 0.9}) == "CONTINUE"
+    assert s.on_trial_result(None, _Trial("low"), {"step": 11, "accuracy": 0.3}) == "STOP"
+
+
 def test_more_concurrent_trials_than_the_cluster_places_are_refused(ray_session, packed_data, tmp_path):
     with pytest.raises(ConfigError, match="enough for 4 at once: use --max_concurrent_trials 4"):
         tune(*configs(packed_data, tmp_path / "sweep", max_concurrent_trials=5))

@@ -13,7 +13,13 @@ process on a fresh local Ray, and prints:
 - the ceiling: tiktoken's `encode_ordinary_batch` with num_threads = cores, on the same text,
   with the vocabulary that prepare trained, and the ratio of the two;
 - peak memory: the largest sum of proportional set sizes (PSS) of this process and every Ray
-  process it started (driver, workers, raylet, object store pages), and the driver's peak RSS.
+  process it started (driver, workers, raylet, object store pages), and the driver's peak RSS;
+- the floor that Ray Data sets: after prepare, on the same Ray, the seconds an empty pipeline of
+  the same shape (the same number of blocks, an actor pool of num_workers, a map that returns its
+  input) takes to deliver its first batch. No token can be encoded before the workers run, and
+  the encoding itself cannot beat the ceiling, so no pipeline built on Ray Data can do better
+  than size / (floor + size / ceiling): the "best possible ratio" column. Ray Data is already
+  imported and the machine warm by then, so the floor is on the low side.
 """
 from __future__ import annotations
 
@@ -121,11 +127,42 @@ def measure(corpus: Path, out: Path, num_workers: int, sample_mb: float, vocab_s
     meta = prepare(cfg)
     seconds = time.perf_counter() - t
     sampler.stop()
+    floor = empty_pipeline_seconds(corpus, num_workers)
     if own_ray:
         ray.shutdown()
     return {"seconds": seconds, "ray_start_s": ray_start, "bytes": meta["text_bytes"], "timings": meta["timings"],
             "peak_pss_mb": sampler.peak_total / 1e6, "peak_driver_rss_mb": sampler.peak_driver / 1e6,
+            "empty_pipeline_s": floor,
             "rows": meta["splits"]["train"]["rows"] + meta["splits"]["val"]["rows"]}
+
+
+class _PassThrough:
+    """The map of the empty pipeline: an actor that returns its batch."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def empty_pipeline_seconds(corpus: Path, num_workers: int) -> float:
+    """Seconds for an empty Ray Data pipeline shaped like prepare's (one block per work unit of
+    this corpus, an actor pool of num_workers) to deliver its first batch."""
+    import ray.data
+
+    from raylm.config import PrepareConfig
+    from raylm.prepare import _discover, _ray_data_settings, _work_units
+
+    units = _work_units(_discover(PrepareConfig(input_dir=str(corpus), output_dir="unused")).files)
+    with _ray_data_settings():
+        t = time.perf_counter()
+        batches = iter(ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
+                       .map_batches(_PassThrough, batch_size=1, num_cpus=1,
+                                    compute=ray.data.ActorPoolStrategy(size=max(1, min(num_workers, len(units)))))
+                       .iter_batches(batch_size=None))
+        next(batches)
+        seconds = time.perf_counter() - t
+        for _ in batches:
+            pass
+    return seconds
 
 
 def ceiling(corpus: Path, tokenizer_path: Path, threads: int, chunk_mb: float = 16.0) -> float:
@@ -196,18 +233,22 @@ def main(argv: list[str] | None = None) -> None:
             result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["ceiling_mb_s"] = ceiling(corpus, out / "tokenizer.json", args.num_workers)
         result.update(size_mb=result["bytes"] / 1e6, mb_s=result["bytes"] / 1e6 / result["seconds"])
+        # the best ratio any Ray Data pipeline could reach: the empty pipeline's start, then encoding at the ceiling
+        encode_s = result["size_mb"] / result["ceiling_mb_s"]
+        result["best_possible_ratio"] = encode_s / (result["empty_pipeline_s"] + encode_s)
         results.append(result)
 
     print(f"\nraylm prepare, bpe vocab {args.vocab_size}, max_length {args.max_length}, {args.num_workers} workers, "
           f"tokenizer sample {args.tokenizer_sample_mb:g} MB, {os.cpu_count()} cores, "
           f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after")
     print(f"{'corpus MB':>9} {'prepare s':>9} {'MB/s':>6} {'ceiling':>7} {'ratio':>5} {'peak PSS MB':>11} "
-          f"{'driver RSS MB':>13}  phases (s)")
+          f"{'driver RSS MB':>13} {'empty Ray Data s':>16} {'best possible ratio':>19}  phases (s)")
     for r in results:
         phases = " ".join(f"{k}={v:.1f}" for k, v in r["timings"].items() if k != "total")
         print(f"{r['size_mb']:9.1f} {r['seconds']:9.1f} {r['mb_s']:6.1f} {r['ceiling_mb_s']:7.1f} "
               f"{r['mb_s'] / r['ceiling_mb_s']:5.2f} {r['peak_pss_mb']:11.0f} "
-              f"{r['peak_driver_rss_mb']:13.0f}  {phases}")
+              f"{r['peak_driver_rss_mb']:13.0f} {r['empty_pipeline_s']:16.2f} "
+              f"{r['best_possible_ratio']:19.2f}  {phases}")
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(f"memory: {last['size_mb'] / first['size_mb']:.1f}x the corpus -> "

@@ -392,3 +392,80 @@ def test_stream_tokens_yields_one_token_per_step():
                        model.generate(prompt, max_new_tokens=6, temperature=0))
     with pytest.raises(ValueError, match=r"prompt length \(3\) \+ max_new_tokens \(62\) exceeds max_seq_len"):
         model.generate(prompt, max_new_tokens=62)
+
+
+# --- hand-written backward passes (eager CPU) -----------------------------------------------------
+
+
+def _plain(monkeypatch):
+    """Run the model's plain ops (what compiled code and GPUs run) instead of the hand-written ones."""
+    import raylm.model as model_module
+
+    monkeypatch.setattr(model_module, "hand_written_backward", lambda x: False)
+
+
+def _forward_backward(model, x, autocast_dtype=None):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        logits, loss = model(x, labels=x)
+    loss.backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast_dtype, tol", [(None, dict(rtol=1e-4, atol=1e-5)),
+                                                 (torch.bfloat16, dict(rtol=2e-2, atol=2e-3))])
+def test_hand_written_backward_passes_give_autograds_values(monkeypatch, autocast_dtype, tol):
+    """RMSNorm, the rotary embedding and silu(gate) * up, forward and backward through a whole model, in
+    fp32 and under bf16 autocast: the same logits and gradients as the plain ops."""
+    import raylm.model as model_module
+
+    model = tiny_model(tie_embeddings=False).train()
+    x = random_tokens(3, 40)
+    assert model_module.hand_written_backward(torch.zeros(1))
+    calls = []
+    for fn in (model_module._RMSNorm, model_module._Rotary, model_module._SiluMul):
+        monkeypatch.setattr(fn, "apply", (lambda apply, name: lambda *a: calls.append(name) or apply(*a))(
+            fn.apply, fn.__name__))
+    logits, grads = _forward_backward(model, x, autocast_dtype)
+    assert sorted(set(calls)) == ["_RMSNorm", "_Rotary", "_SiluMul"]  # the hand-written ones did run
+    _plain(monkeypatch)
+    plain_logits, plain_grads = _forward_backward(model, x, autocast_dtype)
+    torch.testing.assert_close(logits, plain_logits, **tol)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_hand_written_rms_norm_and_rotation_match_their_definitions():
+    """Against the formulas themselves, on strided inputs and gradients: RMSNorm of a bf16 input with an
+    fp32 weight returns fp32 and rounds the normalised value to bf16 first; the rotation's backward is the
+    inverse rotation."""
+    from raylm.model import RMSNorm, RotaryEmbedding, apply_rotary, rotate_half
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 7, 96)[..., ::2].requires_grad_()  # non-contiguous
+    out = norm(x)
+    expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(7, 5, 48).transpose(0, 1)
+    gx, gw = torch.autograd.grad(out, (x, norm.weight), grad)
+    ex, ew = torch.autograd.grad(expected, (x, norm.weight), grad)
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gw, ew)
+
+    x16 = torch.randn(4, 48, dtype=torch.bfloat16)
+    out16 = norm(x16)
+    assert out16.dtype == torch.float32
+    rounded = (x16.float() * torch.rsqrt(x16.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    torch.testing.assert_close(out16, norm.weight * rounded.float())
+
+    rope = RotaryEmbedding(16, 32, 10000.0)
+    cos, sin = rope(3, 10)
+    q = torch.randn(2, 10, 5, 16).requires_grad_()
+    rotated = apply_rotary(q, cos, sin)
+    plain = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    torch.testing.assert_close(rotated, plain)
+    g = torch.randn(2, 5, 10, 16).transpose(1, 2)
+    torch.testing.assert_close(torch.autograd.grad(rotated, q, g)[0], torch.autograd.grad(plain, q, g)[0])

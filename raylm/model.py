@@ -431,6 +431,13 @@ class TransformerBlock(nn.Module):
 LOSS_CHUNK_ROWS = 256  # tokens per chunk of the chunked loss (CPU, 2 cores: fastest from 8k to 32k vocab)
 
 
+@torch.library.custom_op("raylm::accumulate_product", mutates_args=("out",))
+def _accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, in place. An op of its own so that compiled code keeps it in place: traced, an
+    in-place addmm_ becomes an addmm into a new tensor and a copy back (16 MB per chunk at 8k x 512)."""
+    out.addmm_(a, b)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ weight.T, targets), never holding all the logits.
 
@@ -465,7 +472,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = probs @ weight
                 if hidden.dtype == torch.float32:
-                    grad_weight.addmm_(probs.t(), h)  # no (vocab, hidden) temporary per chunk
+                    _accumulate_product(grad_weight, probs.t(), h)  # no (vocab, hidden) temporary per chunk
                 else:  # 16-bit inputs: the product in their dtype, summed in fp32
                     grad_weight.add_(probs.t() @ h)
         if with_grad:

@@ -206,7 +206,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.float()
-        rstd = (torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run vecdot in 16 bits
+            rstd = (torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
         normed = x32 * rstd
         ctx.save_for_backward(normed, weight, rstd)
         ctx.x_dtype = x.dtype
@@ -220,7 +221,8 @@ class _RMSNorm(torch.autograd.Function):
             grad_weight = (grad * normed.to(ctx.x_dtype)).sum(dim=tuple(range(grad.dim() - 1))).to(weight.dtype)
         grad_normed = (grad * weight).to(ctx.x_dtype).float()
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
-        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(-normed.shape[-1])
+        with torch.autocast(grad.device.type, enabled=False):
+            dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(-normed.shape[-1])
         grad_x = torch.addcmul(grad_normed, normed, dot).mul_(rstd).to(ctx.x_dtype)
         return grad_x, grad_weight, None
 

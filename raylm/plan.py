@@ -57,8 +57,9 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
       RMSNorm        its fp32 input, the normed tensor, the output the next matmul saves:
                      12h (fp32), 10h (autocast: fp32 residual, 16-bit copy for the matmul),
                      8h (fsdp_mixed: fp32 upcast + two 16-bit tensors); + 4 bytes of rstd.
-                     On CPU (eager) raylm/model.py's _RMSNorm keeps the fp32 normed tensor
-                     instead of its input: 8h (fp32), 6h (autocast, fsdp_mixed)
+                     On CPU raylm/model.py's _RMSNorm keeps the fp32 normed tensor instead of
+                     its input: 8h (fp32), 6h (autocast, fsdp_mixed). That is eager mode, the
+                     default; --compile_model runs the plain ops, 4h (2h) more per norm
       attention      q and k, views of one rotated tensor s·(q + kv); v, a view that keeps the
                      fused qkv output s·(q + 2kv) alive; except on GPU in fp32, where k and v are
                      repeated to every query head (s·q each; raylm/model.py does so to keep the

@@ -469,3 +469,16 @@ def test_hand_written_rms_norm_and_rotation_match_their_definitions():
     torch.testing.assert_close(rotated, plain)
     g = torch.randn(2, 5, 10, 16).transpose(1, 2)
     torch.testing.assert_close(torch.autograd.grad(rotated, q, g)[0], torch.autograd.grad(plain, q, g)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hand_written_rms_norm_normalises_in_fp32_under_autocast(dtype):
+    """Autocast runs some reductions in 16 bits on CPU; RMSNorm's mean square must not be one of them
+    (in fp16, the sum of squares of a wide, large input overflows, and the output would be zeros)."""
+    from raylm.model import RMSNorm
+
+    norm = RMSNorm(768, 1e-5)
+    x = torch.randn(2, 4, 768, generator=torch.Generator().manual_seed(0)) * 12
+    with torch.autocast("cpu", dtype=dtype):
+        out = norm(x)
+    torch.testing.assert_close(out, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))

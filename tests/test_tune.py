@@ -78,7 +78,6 @@ def test_trial_config_keeps_the_decay_ratio():
     assert cfg.min_lr == pytest.approx(1e-3)
 
 
-@pytest.mark.ray
 # ----------------------------------------------------------------------------- the early-stopping rule
 
 
@@ -156,6 +155,7 @@ def test_halving_maximises_when_the_mode_is_max():
     assert s.on_trial_result(None, _Trial("low"), {"step": 11, "accuracy": 0.3}) == "STOP"
 
 
+@pytest.mark.ray
 def test_more_concurrent_trials_than_the_cluster_places_are_refused(ray_session, packed_data, tmp_path):
     with pytest.raises(ConfigError, match="enough for 4 at once: use --max_concurrent_trials 4"):
         tune(*configs(packed_data, tmp_path / "sweep", max_concurrent_trials=5))

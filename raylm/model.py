@@ -165,13 +165,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # passes are what these ops cost on a CPU, so there raylm runs them as the functions below (small-ish
 # model, 2 cores: RMSNorm 4.9 -> 2.8 ms forward and backward, the rotary embedding 5.3 -> 3.0 ms, per
 # call). Compiled code keeps the plain ops (inductor fuses them itself), and so do GPUs, where
-# raylm's figures were measured with the plain ops. Same values; RMSNorm saves 4 bytes per hidden
-# unit less for the backward (raylm/plan.py counts it).
+# raylm's figures were measured with the plain ops, and 16-bit runs. Same values; RMSNorm saves 4
+# bytes per hidden unit less for the backward (raylm/plan.py counts it).
 
 
 def hand_written_backward(x: torch.Tensor) -> bool:
-    """Whether x's ops run as the functions below: in eager mode on CPU."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether x's ops run as the functions below: fp32 in eager mode on CPU, without autocast. (In
+    16 bits their backward passes hold more temporaries than autograd's, which the memory planner
+    would have to model for little gain: CPUs mostly train in fp32, raylm's default.)"""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -206,8 +209,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.float()
-        with torch.autocast(x.device.type, enabled=False):  # autocast would run vecdot in 16 bits
-            rstd = (torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
+        rstd = (torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
         normed = x32 * rstd
         ctx.save_for_backward(normed, weight, rstd)
         ctx.x_dtype = x.dtype
@@ -221,8 +223,7 @@ class _RMSNorm(torch.autograd.Function):
             grad_weight = (grad * normed.to(ctx.x_dtype)).sum(dim=tuple(range(grad.dim() - 1))).to(weight.dtype)
         grad_normed = (grad * weight).to(ctx.x_dtype).float()
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
-        with torch.autocast(grad.device.type, enabled=False):
-            dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(-normed.shape[-1])
+        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(-normed.shape[-1])
         grad_x = torch.addcmul(grad_normed, normed, dot).mul_(rstd).to(ctx.x_dtype)
         return grad_x, grad_weight, None
 

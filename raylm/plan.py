@@ -57,9 +57,9 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
       RMSNorm        its fp32 input, the normed tensor, the output the next matmul saves:
                      12h (fp32), 10h (autocast: fp32 residual, 16-bit copy for the matmul),
                      8h (fsdp_mixed: fp32 upcast + two 16-bit tensors); + 4 bytes of rstd.
-                     On CPU raylm/model.py's _RMSNorm keeps the fp32 normed tensor instead of
-                     its input: 8h (fp32), 6h (autocast, fsdp_mixed). That is eager mode, the
-                     default; --compile_model runs the plain ops, 4h (2h) more per norm
+                     On CPU in fp32 raylm/model.py's _RMSNorm keeps the normed tensor instead
+                     of its input: 8h. That is eager mode, the default; --compile_model runs
+                     the plain ops, 4h more per norm
       attention      q and k, views of one rotated tensor s·(q + kv); v, a view that keeps the
                      fused qkv output s·(q + 2kv) alive; except on GPU in fp32, where k and v are
                      repeated to every query head (s·q each; raylm/model.py does so to keep the
@@ -82,10 +82,9 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     h, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     s = 4 if regime == "fp32" else 2
-    if device == "cpu":  # raylm.model.hand_written_backward: the fp32 normed tensor, not the input
-        norm = {"fp32": 8, "autocast": 6, "fsdp_mixed": 6}[regime] * h + 4
-    else:
-        norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
+    norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
+    if device == "cpu" and regime == "fp32":  # raylm.model.hand_written_backward: normed, not the input
+        norm -= 4 * h
     repeat_kv = s == 4 and kv != q and device != "cpu"  # as GroupedQueryAttention.forward decides
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)
     attention = s * (q + kv) + kv_saved + s * q + 4 * c.num_heads

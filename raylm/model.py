@@ -203,29 +203,25 @@ class _Rotary(torch.autograd.Function):
 
 
 class _RMSNorm(torch.autograd.Function):
-    """weight * (x / rms(x)), the normalisation in fp32 and its result cast to x's dtype before the
-    product, as RMSNorm.forward's plain ops compute it (so the gradients round as theirs do too)."""
+    """weight * (x / rms(x)) of an fp32 x (hand_written_backward sends only those here)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = (torch.linalg.vecdot(x32, x32).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
-        normed = x32 * rstd
+        rstd = (torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
+        normed = x * rstd
         ctx.save_for_backward(normed, weight, rstd)
-        ctx.x_dtype = x.dtype
-        return weight * normed.to(x.dtype)
+        return weight * normed
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         normed, weight, rstd = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(ctx.x_dtype)).sum(dim=tuple(range(grad.dim() - 1))).to(weight.dtype)
-        grad_normed = (grad * weight).to(ctx.x_dtype).float()
+            grad_weight = (grad * normed).sum(dim=tuple(range(grad.dim() - 1))).to(weight.dtype)
+        grad_normed = grad * weight
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
         dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(-normed.shape[-1])
-        grad_x = torch.addcmul(grad_normed, normed, dot).mul_(rstd).to(ctx.x_dtype)
-        return grad_x, grad_weight, None
+        return torch.addcmul(grad_normed, normed, dot).mul_(rstd), grad_weight, None
 
 
 class _SiluMul(torch.autograd.Function):

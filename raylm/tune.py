@@ -243,6 +243,8 @@ class FreeStoppedTrainers(ray_tune.Callback):
 
 # ----------------------------------------------------------------------------- early stopping
 
+_HUGE = 1e300  # the loss recorded for a NaN or infinite one: the worst, and still a number for percentiles
+
 
 class SuccessiveHalving(FIFOScheduler):
     """Asynchronous successive halving (ASHA) that keeps judging: the ``--scheduler asha`` of raylm tune.
@@ -280,8 +282,7 @@ class SuccessiveHalving(FIFOScheduler):
 
     def cutoff(self, rung: float) -> float:
         """The highest loss at `rung` that still goes on: the 1/reduction_factor quantile of its record."""
-        values = np.nan_to_num(np.fromiter(self.recorded[rung].values(), float), nan=np.inf, posinf=_HUGE)
-        return float(np.percentile(values, 100.0 / self.reduction_factor))
+        return float(np.percentile(list(self.recorded[rung].values()), 100.0 / self.reduction_factor))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if self.time_attr not in result or self._metric not in result:
@@ -295,14 +296,13 @@ class SuccessiveHalving(FIFOScheduler):
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         if result and self.time_attr in result and self._metric in result:
-            loss = self._sign * float(result[self._metric])
-            self.record(trial.trial_id, result[self.time_attr], loss if math.isfinite(loss) else math.inf)
+            self.record(trial.trial_id, result[self.time_attr], self._sign * float(result[self._metric]))
 
     def record(self, trial_id: str, t: float, loss: float) -> None:
         """Record `loss` at the highest rung `t` has reached, if this trial has none there yet."""
         reached = [m for m in self.rungs if t >= m]
         if reached and trial_id not in self.recorded[reached[-1]]:
-            self.recorded[reached[-1]][trial_id] = loss
+            self.recorded[reached[-1]][trial_id] = loss if math.isfinite(loss) else _HUGE
 
     def judge(self, trial_id: str) -> str:
         """STOP unless the trial is within the cut at its highest recorded rung."""
@@ -318,9 +318,6 @@ class SuccessiveHalving(FIFOScheduler):
         rungs = ", ".join(f"{m:g}: {len(r)} trials" for m, r in self.recorded.items())
         return (f"Successive halving (reduction factor {self.reduction_factor:g}): {self.num_stopped} stopped; "
                 f"rungs {rungs}")
-
-
-_HUGE = 1e300  # stands for an infinite loss in a percentile (inf - x would make it nan)
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -142,9 +142,12 @@ def test_reports_without_the_metric_are_ignored_and_a_nonfinite_loss_stops():
     t = _Trial("t")
     assert s.on_trial_result(None, t, {"step": 10, "lr": 1e-3}) == "CONTINUE"
     assert s.on_trial_result(None, t, {"step": 10, "val_loss": float("nan")}) == "STOP"
+    s.on_trial_complete(None, t, {"step": 10, "val_loss": float("nan")})  # what Tune calls after a STOP
+    assert s.recorded[10]["t"] > 1e100  # kept as the worst loss, so the rung's cut stays a number
+    assert s.on_trial_result(None, _Trial("v"), {"step": 10, "val_loss": 3.0}) == "CONTINUE"
     u = _Trial("u")
     assert s.on_trial_result(None, u, {"step": 5, "val_loss": 9.0}) == "CONTINUE"  # before the first rung
-    assert s.recorded[10] == {}
+    assert set(s.recorded[10]) == {"t", "v"}
 
 
 def test_halving_maximises_when_the_mode_is_max():

@@ -56,7 +56,8 @@ def run_once(args, data_dir: str, launcher: str, save_dir: str) -> dict:
         warmup_steps=2, learning_rate=3e-4, log_interval=args.log_interval, eval_interval=0, eval_steps=1,
         save_interval=0, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
         compile_model=args.compile_model, launcher=launcher, cpus_per_worker=args.cpus_per_worker,
-        loss_chunking=args.loss_chunking)
+        loss_chunking=args.loss_chunking, attention_backend=args.attention_backend,
+        profile_steps=args.profile_steps if launcher == args.launchers.split(",")[-1] else 0)
     t = time.perf_counter()
     train(cfg)
     summary = json.loads((Path(save_dir) / "summary.json").read_text())
@@ -82,6 +83,10 @@ def main(argv=None) -> dict:
     p.add_argument("--compile_model", action="store_true")
     p.add_argument("--loss_chunking", default="auto", choices=["auto", "on", "off"],
                    help="as `raylm train --loss_chunking`: auto = chunked on CPU, full logits on GPUs")
+    p.add_argument("--attention_backend", default="auto", choices=["auto", "flash", "cudnn"],
+                   help="as `raylm train --attention_backend`: the SDPA kernel to prefer on GPUs")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="profile this many steps at the end of the last run (left out of its tokens/s)")
     p.add_argument("--cpus_per_worker", type=int, default=1)
     p.add_argument("--launchers", default="local,ray", help="which runs, in order")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -115,10 +120,16 @@ def main(argv=None) -> dict:
                                      "mfu_datasheet": fpt * tps / sheet if (tps and sheet) else None,
                                      "data_wait_p95_fraction": s.get("data_wait_p95_fraction"),
                                      "wall_s": s["wall_s"]}
+        profile = work / f"run_{launcher}" / "profile" / "kernels.txt"
+        if profile.exists():
+            text = profile.read_text()
+            results["runs"][launcher]["profile"] = text.split("\n\n")[0]  # the summary; then the whole table
+            results["runs"][launcher]["profile_table"] = text
     print("\n" + "=" * 72)
     print(f"bench_train: {results['device']}, torch {results['torch']}, model {args.model_size or 'custom'}, "
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
-          f"precision {args.mixed_precision}, compile {args.compile_model}, loss_chunking {args.loss_chunking}")
+          f"precision {args.mixed_precision}, compile {args.compile_model}, loss_chunking {args.loss_chunking}, "
+          f"attention {args.attention_backend}")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f" | datasheet: {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
     for name, r in results["runs"].items():
         if r["tokens_per_sec"] is None:
@@ -135,6 +146,9 @@ def main(argv=None) -> dict:
         ratio = runs["ray"]["tokens_per_sec"] / runs["local"]["tokens_per_sec"]
         results["ray_over_local"] = ratio
         print(f"  Ray Train / plain process: {ratio:.3f} (overhead {100 * (1 - ratio):+.1f}%)")
+    for name, r in results["runs"].items():
+        if r.get("profile"):
+            print(f"  {name} run, profiled:\n" + "\n".join("    " + line for line in r["profile"].splitlines()))
     print("=" * 72)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -235,6 +235,7 @@ class PrepareConfig:
 PRECISIONS = ("off", "auto", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 LOSS_CHUNKING = ("auto", "on", "off")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn")
 
 
 @dataclasses.dataclass
@@ -284,6 +285,12 @@ class TrainConfig:
     loss_chunking: str = opt("auto", "compute the loss in chunks of 256 tokens without ever holding the (tokens x "
                              "vocabulary) logits: same loss and gradients, less memory. auto: on CPU (faster "
                              "there), off on GPUs (not measured there yet)", choices=LOSS_CHUNKING)
+    attention_backend: str = opt("auto", "the attention kernel to prefer on GPUs (PyTorch's SDPA falls back to "
+                                 "another where it cannot serve the shapes): flash (FlashAttention-2), cudnn "
+                                 "(cuDNN's fused attention), or auto: PyTorch's own order. No effect on CPU",
+                                 choices=ATTENTION_BACKENDS)
+    profile_steps: int = opt(0, "profile this many steps after warm-up with torch.profiler: a table of the "
+                             "slowest kernels is printed and written with a trace to save_dir/profile")
     wait_for_workers: bool = opt(False, "the cluster adds nodes on demand (ray up): wait for the GPUs/CPUs this "
                                  "run needs instead of failing when they are not up yet")
     launcher: str = opt("ray", "ray: Ray Train workers; local: the same loop in this process (1 worker, no Ray)",
@@ -334,6 +341,11 @@ class TrainConfig:
             raise ConfigError(f"strategy ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}")
         if self.loss_chunking not in LOSS_CHUNKING:
             raise ConfigError(f"loss_chunking ({self.loss_chunking!r}) must be one of {', '.join(LOSS_CHUNKING)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend ({self.attention_backend!r}) must be one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.profile_steps < 0:
+            raise ConfigError(f"profile_steps ({self.profile_steps}) must be 0 (off) or a number of steps")
 
     @property
     def accumulation_steps(self) -> int:

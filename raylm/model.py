@@ -12,6 +12,8 @@ Ray, DDP or autocast: parallelism and precision are applied from outside by the 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -330,6 +332,23 @@ class RotaryEmbedding(nn.Module):
         return self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len]
 
 
+def preferred_attention(device: torch.device, backend: str = "auto"):
+    """A context in which scaled_dot_product_attention on this CUDA device tries `backend` first
+    ("flash": FlashAttention-2, "cudnn": cuDNN's fused attention) and falls back in PyTorch's
+    order where that kernel cannot serve the shapes or dtype. "auto", and any CPU device, keep
+    PyTorch's own choice. Compilation records the choice, so enter this before the first step."""
+    if device.type != "cuda" or backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = [first] + [b for b in rest if b != first]
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(order, set_priority=True)
+    return sdpa_kernel([first, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])  # torch < 2.6: no order, a subset
+
+
 class GroupedQueryAttention(nn.Module):
     """Causal self-attention where groups of num_heads / num_kv_heads query heads share one
     key/value head. One fused Linear produces q, k and v."""
@@ -428,6 +447,16 @@ class TransformerBlock(nn.Module):
 
 
 LOSS_CHUNK_ROWS = 256  # tokens per chunk of the chunked loss (CPU, 2 cores: fastest from 8k to 32k vocab)
+GPU_LOSS_CHUNK_BYTES = 2**29  # on a GPU, chunks of ~512 MB of fp32 logits: a few large kernels, not hundreds of small
+
+
+def loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
+    """Rows (tokens) per chunk of the chunked loss: LOSS_CHUNK_ROWS on CPU, where a chunk's logits
+    should stay in cache; on GPUs as many rows as GPU_LOSS_CHUNK_BYTES of fp32 logits hold (4,096 at
+    a 32k vocabulary), a multiple of 256, so that kernel launches do not dominate."""
+    if device.type == "cpu":
+        return LOSS_CHUNK_ROWS
+    return max(LOSS_CHUNK_ROWS, GPU_LOSS_CHUNK_BYTES // (4 * vocab_size) // 256 * 256)
 
 
 @torch.library.custom_op("raylm::accumulate_product", mutates_args=("out",))
@@ -470,9 +499,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = probs @ weight
-                if hidden.dtype == torch.float32:
+                if hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type):
                     _accumulate_product(grad_weight, probs.t(), h)  # no (vocab, hidden) temporary per chunk
-                else:  # 16-bit inputs: the product in their dtype, summed in fp32
+                else:  # 16-bit inputs or autocast: the product in 16 bits (as autocast does), summed in fp32
                     grad_weight.add_(probs.t() @ h)
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)  # fp32: scaled before any 16-bit cast
@@ -491,7 +520,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     row chunks (see _ChunkedLinearCrossEntropy). hidden (N, H), weight (vocab, H), targets (N,)."""
     # Under no_grad the lm_head weight still "requires grad" (a parameter): ask autograd instead
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, LOSS_CHUNK_ROWS, with_grad)
+    chunk = loss_chunk_rows(hidden.device, weight.shape[0])
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, with_grad)
     if reduction == "sum":
         return total
     count = (targets != IGNORE_INDEX).sum()

@@ -654,7 +654,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say(f"Gradient accumulation steps: {cfg.accumulation_steps}")
     say(f"Tokens per step: {cfg.batch_size * seq_len:,}")
     say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}"
-        f" | Compile: {cfg.compile_model}")
+        f" | Compile: {cfg.compile_model}"
+        + (f" | Attention kernel: {cfg.attention_backend}" if device.type == "cuda" else ""))
     say(f"Training rows: {len(train_rows):,} | Validation rows: {len(val_rows):,}")
     if state:
         say(f"Resumed from {resume_from} at step {start_step} (epoch {cursor.epoch}, row {cursor.position})")
@@ -663,6 +664,15 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say("=" * 60)
 
     prefetch = Prefetcher(train_rows, plan, rank, world, cfg.micro_batch_size, device)
+    from raylm.model import preferred_attention
+    from raylm.profiling import StepProfiler, profile_window
+
+    context = contextlib.ExitStack()  # closed in the finally below
+    context.enter_context(preferred_attention(device, cfg.attention_backend))
+    warm_steps = max(2, cfg.log_interval if cfg.compile_model else 1)
+    profiler = StepProfiler(profile_window(start_step, cfg.max_steps, cfg.profile_steps, warm_steps) if is_main
+                            else None, device, Path(logger.dir) / "profile" if logger else None)
+    window_profiled = False
     nonfinite_total = state.get("nonfinite_steps", 0) if state else 0
     nonfinite_run = 0
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -707,6 +717,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            profiler.step_begins(step)
+            window_profiled = window_profiled or profiler.active
             t_wait = t_step = time.perf_counter()
             micro_batches, n_target, cursor_now = prefetch.next()
             waited = time.perf_counter() - t_wait
@@ -750,6 +762,10 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             window_tokens += cfg.batch_size * seq_len
             window_targets += n_target
             step_times.append(time.perf_counter() - t_step)
+            t_profile = time.perf_counter()
+            for line in profiler.step_ends(step) or ():
+                say(line)
+            t_window += time.perf_counter() - t_profile  # writing the profile is not training
 
             # -- log
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -757,7 +773,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                 dt = time.perf_counter() - t_window
                 train_loss = window_loss.item() / max(1, window_targets)
                 tps = window_tokens / dt if dt > 0 else 0.0
-                if step - start_step > max(2, cfg.log_interval if cfg.compile_model else 1):  # warm windows
+                if step - start_step > warm_steps and not window_profiled:  # warm windows, not profiled
                     warm_tokens += window_tokens
                     warm_time += dt
                 line = f"Step {step}/{cfg.max_steps} | Loss: {train_loss:.4f} | LR: {lr:.2e} | Tokens/sec: {tps:,.0f}"
@@ -771,6 +787,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
                                mfu=mfu, data_wait_frac=window_wait / dt if dt > 0 else None)
                 window_loss.zero_()
                 window_tokens, window_targets, window_wait = 0, 0, 0.0
+                window_profiled = profiler.active
                 t_window = time.perf_counter()
 
             # -- evaluate
@@ -796,6 +813,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             elif do_eval:
                 session.report(metrics)
     finally:
+        context.close()
         prefetch.close()
         if logger:
             logger.close()

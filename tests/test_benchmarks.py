@@ -29,6 +29,8 @@ EXPECTED = {
                                  "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],
     "bench_tune.py": ["trial-steps", "asha", "fifo", "ASHA / FIFO:"],
     "bench_memory.py": ["bench_memory smoke: CPU", "largest |estimate - measured| / measured:"],
+    "bench_attention.py": ["bench_attention: CPU", "PyTorch's own choice for these inputs:", "flash    :",
+                           "math     :", "x flash's speed"],
 }
 
 

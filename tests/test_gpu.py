@@ -50,3 +50,33 @@ def test_gpu_logits_match_cpu_and_generation_runs():
     torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, rtol=1e-3, atol=1e-4)
     out = model.generate(x.cuda(), 20, temperature=0.8, top_k=20, generator=torch.Generator("cuda").manual_seed(0))
     assert out.shape == (2, 36) and int(out.max()) < 512
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_preferred_attention_kernel_serves_grouped_query_attention(backend):
+    """--attention_backend: the preferred kernel really runs raylm's GQA shapes (its name is in the
+    profile) and gives the loss and gradients of the math kernel, to bf16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from raylm.model import preferred_attention
+
+    torch.manual_seed(0)
+    model = LLMModel(model_config_from("small", vocab_size=1024, max_seq_len=512)).cuda()
+    x = torch.randint(0, 1024, (2, 512), device="cuda")
+
+    def loss_and_grad():
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, labels=x)
+        loss.backward()
+        return loss.item(), model.layers[0].attn.qkv_proj.weight.grad.clone()
+
+    with preferred_attention(torch.device("cuda"), backend), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss, grad = loss_and_grad()
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_loss, ref_grad = loss_and_grad()
+    kernels = " ".join(e.key.lower() for e in prof.key_averages())
+    assert backend in kernels, f"no {backend} kernel ran: {kernels[:2000]}"
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert float((grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()) < 0.05

@@ -209,3 +209,50 @@ def test_loss_chunking_on_and_off_train_alike(packed_data, tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [chunked_loss_head(d, s) for d in (cpu, cuda) for s in ("auto", "on", "off")] == [
         True, True, False, False, True, False]
+
+
+def test_profile_steps_writes_where_the_time_went_and_keeps_it_out_of_throughput(packed_data, tmp_path):
+    """--profile_steps N: the last N steps run under torch.profiler (never the warm-up ones); the
+    table lands in save_dir/profile, and the profiled log window is not counted as throughput."""
+    train(cfg_for(packed_data, tmp_path, max_steps=8, log_interval=2, launcher="local", profile_steps=2))
+    table = (tmp_path / "profile" / "kernels.txt").read_text()
+    assert table.startswith("Profile of 2 step(s): CPU operator self time")
+    assert "matmul" in table and "aten::mm" in table and "slowest operators:" in table
+    assert (tmp_path / "profile" / "trace.json").stat().st_size > 0
+    assert summary(tmp_path)["tokens_per_sec_warm"] > 0  # steps 3-6 are warm and unprofiled
+    with pytest.raises(ConfigError, match="profile_steps"):
+        cfg_for(packed_data, tmp_path / "bad", profile_steps=-1)
+
+
+def test_profile_window_skips_warm_up_and_fits_the_run():
+    from raylm.profiling import category, profile_window
+
+    assert profile_window(0, 100, 5, warm_steps=10) == (96, 100)  # the last five steps
+    assert profile_window(0, 12, 5, warm_steps=10) == (11, 12)  # never inside the warm-up
+    assert profile_window(0, 10, 5, warm_steps=10) is None  # nothing but warm-up: no profile
+    assert profile_window(50, 60, 3, warm_steps=2) == (58, 60)  # resumed runs count from their start
+    assert profile_window(0, 100, 0, warm_steps=2) is None
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul"
+    assert category("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT") == "matmul"
+    assert category("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
+    assert category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused elementwise (inductor/triton)"
+    assert category("void at::native::(anonymous)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == \
+        "optimizer and clipping"
+
+
+def test_attention_backend_sets_the_sdpa_priority_on_gpus_only(packed_data, tmp_path):
+    from torch.nn.attention import SDPBackend
+
+    from raylm.model import preferred_attention
+
+    before = torch._C._get_sdp_priority_order()
+    with preferred_attention(torch.device("cuda"), "cudnn"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    with preferred_attention(torch.device("cuda"), "flash"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.FLASH_ATTENTION)
+    assert torch._C._get_sdp_priority_order() == before  # restored
+    with preferred_attention(torch.device("cpu"), "cudnn"), preferred_attention(torch.device("cuda"), "auto"):
+        assert torch._C._get_sdp_priority_order() == before  # CPU and auto: PyTorch's own order
+    with pytest.raises(ConfigError, match="attention_backend"):
+        cfg_for(packed_data, tmp_path / "bad", attention_backend="fastest")

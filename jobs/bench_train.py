@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     p.add_argument("--mixed_precision", default="off")
     p.add_argument("--compile_model", action="store_true")
     p.add_argument("--loss_chunking", default="auto", choices=["auto", "on", "off"],
-                   help="as `raylm train --loss_chunking`: auto = chunked on CPU, full logits on GPUs")
+                   help="as `raylm train --loss_chunking`: auto = on (chunked), off = full logits")
     p.add_argument("--attention_backend", default="auto", choices=["auto", "flash", "cudnn"],
                    help="as `raylm train --attention_backend`: the SDPA kernel to prefer on GPUs")
     p.add_argument("--profile_steps", type=int, default=0,

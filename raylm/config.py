@@ -282,9 +282,10 @@ class TrainConfig:
                         choices=STRATEGIES)
     activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward "
                                          "pass: far less activation memory for about a third more compute")
-    loss_chunking: str = opt("auto", "compute the loss in chunks of 256 tokens without ever holding the (tokens x "
-                             "vocabulary) logits: same loss and gradients, less memory. auto: on CPU (faster "
-                             "there), off on GPUs (not measured there yet)", choices=LOSS_CHUNKING)
+    loss_chunking: str = opt("auto", "compute the loss in chunks (256 tokens on CPU, ~512 MB of logits on GPUs) "
+                             "without ever holding the (tokens x vocabulary) logits: same loss and gradients, less "
+                             "memory, and faster on CPU and GPU as measured. auto = on; off: from full logits",
+                             choices=LOSS_CHUNKING)
     attention_backend: str = opt("auto", "the attention kernel to prefer on GPUs (PyTorch's SDPA falls back to "
                                  "another where it cannot serve the shapes): flash (FlashAttention-2), cudnn "
                                  "(cuDNN's fused attention), or auto: PyTorch's own order. No effect on CPU",

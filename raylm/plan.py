@@ -99,8 +99,8 @@ def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, worl
                     precision: str = "off", act_ckpt: bool = False, accumulation_steps: int = 1,
                     device: str = "cuda") -> dict[str, int]:
     """Bytes per worker at the peak of a training step, by component (and "total"), with the loss
-    computed from full logits as on GPUs (on CPU the training loop's chunked loss needs less: there
-    this is an upper bound).
+    computed from full logits (`--loss_chunking off`); the chunked loss that training runs by default
+    needs less, so for it this is an upper bound.
 
     P = parameters (param_counts), W = world, s = 2 for bf16/fp16 else 4, tokens = micro_batch x seq_len.
     Always resident:
@@ -283,7 +283,7 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
     """Peak bytes of one training step of a single-worker model, measured, not estimated: the loop of
     raylm/train.py (micro_steps forward/backward passes under autocast when precision is bf16/fp16,
     clipping, an AdamW step), after one warm-up step so the optimizer state exists. The loss is the
-    full-logits one that GPUs run (training on CPU computes it in chunks and needs less).
+    full-logits one (`--loss_chunking off`) that estimate_memory models; the default chunked loss needs less.
 
     CUDA: torch.cuda.max_memory_allocated over the step (everything the caching allocator handed out).
     CPU: there is no allocator high-water mark, so: the bytes that exist before the step (weights,
@@ -308,7 +308,7 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
     def step():
         for ids in batches:
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(ids, labels=ids, loss_reduction="sum")  # the full-logits loss, as on GPUs
+                _, loss = model(ids, labels=ids, loss_reduction="sum")  # the full-logits loss, as estimate_memory models
             (loss / ids.numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

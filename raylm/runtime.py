@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def _started_cluster_address() -> str | None:
@@ -49,8 +50,23 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # The dashboard also serves Ray's state API, which Ray Train's clean-up of stopped runs
         # (Tune's early-stopped trials) relies on; it listens on 127.0.0.1 only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        init_local_ray(num_cpus=num_cpus, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+
+
+def init_local_ray(**kwargs) -> None:
+    """ray.init of a new local Ray with its dashboard on 127.0.0.1, or without the dashboard (and
+    a warning saying what it costs) where Ray's dashboard packages (`ray[default]`) are missing."""
+    import ray
+
+    try:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "missing packages" not in str(e):
+            raise
+        ray.shutdown()
+        sys.stderr.write("raylm: Ray's dashboard packages are missing (pip install 'ray[default]'); starting Ray "
+                         "without its dashboard, so `ray job submit` and Ray's state API are unavailable\n")
+        ray.init(include_dashboard=False, **kwargs)
 
 
 def cpu_count() -> int:

@@ -16,8 +16,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level="WARNING", configure_logging=False)
+        from raylm.runtime import init_local_ray
+
+        init_local_ray(num_cpus=4, logging_level="WARNING", configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -596,3 +596,22 @@ def test_stopping_the_cluster_ends_its_processes_and_no_other_ray(cluster, ray_s
     assert _marked_pids(cluster.marker) == []
     assert not any(p.poll() is None for p in cluster.procs)
     assert ray_session.get(one.remote(), timeout=60) == 1
+
+
+def test_local_ray_starts_without_its_dashboard_when_its_packages_are_missing(tmp_path):
+    """A Ray installed without ray[default]'s dashboard packages (the GPU machines' wheels) refuses
+    include_dashboard=True; raylm then starts Ray without the dashboard and says what that costs."""
+    script = (
+        "import ray, ray._private.utils as u\n"
+        "u.get_dashboard_dependency_error = lambda: \"No module named 'aiohttp_cors'\"\n"
+        "from raylm.runtime import init_local_ray\n"
+        "init_local_ray(num_cpus=1, logging_level='ERROR')\n"
+        "print('resources', ray.cluster_resources().get('CPU'))\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resources 1.0" in done.stdout
+    assert "dashboard packages are missing" in done.stderr and "ray[default]" in done.stderr

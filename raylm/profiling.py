@@ -11,13 +11,14 @@ import torch
 # name fragments -> category, first match wins (lower case). GPU kernel names: cuBLAS/CUTLASS GEMMs
 # (gemm, sm90_xmma, nvjet, cutlass), FlashAttention (flash), cuDNN attention (cudnn, fmha), the
 # memory-efficient kernel (fmha / efficient_attention), Triton kernels that inductor generates
-# (triton_), AdamW's fused or foreach kernels (adam). CPU operators: aten::mm/addmm/bmm, SDPA.
+# (triton_), AdamW's fused or foreach kernels (adam). CPU operators: aten::mm/addmm/bmm, SDPA, and
+# compiled graphs ("## Call CompiledFxGraph ...": inductor's C++ kernels).
 CATEGORIES = (
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
                 "mkl", "raylm::accumulate_product")),
     ("optimizer and clipping", ("adam", "multi_tensor", "foreach")),
-    ("fused elementwise (inductor/triton)", ("triton",)),
+    ("fused elementwise (inductor/triton)", ("triton", "compiledfxgraph")),
 )
 
 
@@ -99,8 +100,10 @@ def summarize(prof, device: torch.device, steps: int, top: int = 12) -> list[str
                 continue
         else:
             t = event.self_cpu_time_total
-            if not event.key.startswith(("aten::", "raylm::")):
-                continue  # Python/autograd frames: their time is inside the operators' self time too
+            # operators, and compiled graphs, whose self time is inductor's generated C++ kernels (on CPU
+            # the profiler does not see those one by one); Python and autograd frames are left out
+            if not event.key.startswith(("aten::", "raylm::", "## Call CompiledFxGraph")):
+                continue
         if t > 0:
             rows.append((event.key, t, event.count))
     total = sum(t for _, t, _ in rows) or 1

@@ -237,6 +237,7 @@ def test_profile_window_skips_warm_up_and_fits_the_run():
     assert category("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
     assert category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
     assert category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused elementwise (inductor/triton)"
+    assert category("## Call CompiledFxGraph fgjgscbp26ruww3wjj7vw3f ##") == "fused elementwise (inductor/triton)"
     assert category("void at::native::(anonymous)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == \
         "optimizer and clipping"
 

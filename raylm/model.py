@@ -482,6 +482,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        device_type = hidden.device.type
+        compute_dtype = hidden.dtype if hidden.dtype != torch.float32 else (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.t()).float()
@@ -499,10 +502,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = probs @ weight
-                if hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type):
-                    _accumulate_product(grad_weight, probs.t(), h)  # no (vocab, hidden) temporary per chunk
-                else:  # 16-bit inputs or autocast: the product in 16 bits (as autocast does), summed in fp32
+                if compute_dtype == torch.bfloat16:  # the product in bf16 (as autocast does), summed in fp32
                     grad_weight.add_(probs.t() @ h)
+                else:  # fp32, in place (no (vocab, hidden) temporary per chunk); also for fp16, whose range a
+                    # chunk's unscaled sum over thousands of rows could exceed (the loss scale cannot help here)
+                    _accumulate_product(grad_weight, probs.t().float(), h.float())
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)  # fp32: scaled before any 16-bit cast
             ctx.weight_dtype = weight.dtype

@@ -502,3 +502,22 @@ def test_loss_chunks_are_cache_sized_on_cpu_and_large_on_gpus():
     assert loss_chunk_rows(cuda, 128256) == 1024
     assert loss_chunk_rows(cuda, 4_000_000) == 256  # never below the CPU size
     assert all(loss_chunk_rows(cuda, v) % 256 == 0 for v in (1000, 50257, 151936))
+
+
+def test_chunked_loss_under_fp16_autocast_does_not_overflow_the_output_layers_gradient():
+    """A chunk's gradient for the output layer sums (softmax - one-hot) x hidden over its rows,
+    unscaled: in fp16 that sum overflows 65,504 on large hidden values (the loss scale cannot shrink
+    it), so under fp16 it is computed in fp32; the result matches the fp32 loss head's."""
+    from raylm.model import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(256, 16) * 0.1 + 600.0).requires_grad_()  # 256 rows x 600: sums of ~150,000
+    weight = (torch.randn(32, 16) * 0.02).requires_grad_()
+    targets = torch.zeros(256, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.float16):
+        chunked_cross_entropy(hidden, weight, targets, reduction="sum").backward()
+    grad = weight.grad.clone()
+    weight.grad = None
+    torch.nn.functional.cross_entropy(hidden.detach() @ weight.t(), targets, reduction="sum").backward()
+    assert torch.isfinite(grad).all()
+    assert float((grad - weight.grad).norm() / weight.grad.norm()) < 1e-2

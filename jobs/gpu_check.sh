@@ -41,8 +41,8 @@ variant() {  # name, seconds it may take, extra flags
   grep -E "bench_train|local :|Profile of|  (matmul|attention|fused|optimizer|other) |Error|error" "$WORK/bench_$name.log" \
     | tail -14 | tee -a "$WORK/summary.txt"; pack
 }
-variant auto 200
-variant cudnn 150 --attention_backend cudnn
+variant auto 200 --loss_chunking off
+variant cudnn 150 --attention_backend cudnn --loss_chunking off
 variant cudnn_chunked 150 --attention_backend cudnn --loss_chunking on
 
 if [ "$(left)" -gt 200 ]; then
@@ -54,7 +54,8 @@ fi
 BEST=$(python3 - "$WORK" <<'EOF'
 import json, sys
 from pathlib import Path
-flags = {"auto": "", "cudnn": "--attention_backend cudnn", "cudnn_chunked": "--attention_backend cudnn --loss_chunking on"}
+flags = {"auto": "--loss_chunking off", "cudnn": "--attention_backend cudnn --loss_chunking off",
+         "cudnn_chunked": "--attention_backend cudnn --loss_chunking on"}
 best, tps = "auto", 0.0
 for name in flags:
     f = Path(sys.argv[1]) / f"bench_{name}.json"

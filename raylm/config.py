@@ -290,8 +290,9 @@ class TrainConfig:
                                  "another where it cannot serve the shapes): flash (FlashAttention-2), cudnn "
                                  "(cuDNN's fused attention), or auto: PyTorch's own order. No effect on CPU",
                                  choices=ATTENTION_BACKENDS)
-    profile_steps: int = opt(0, "profile this many steps after warm-up with torch.profiler: a table of the "
-                             "slowest kernels is printed and written with a trace to save_dir/profile")
+    profile_steps: int = opt(0, "profile the last this many steps (never warm-up steps; an evaluation or "
+                             "checkpoint inside them is included) with torch.profiler: time by kind and the "
+                             "slowest kernels are printed, the whole table and a trace written to save_dir/profile")
     wait_for_workers: bool = opt(False, "the cluster adds nodes on demand (ray up): wait for the GPUs/CPUs this "
                                  "run needs instead of failing when they are not up yet")
     launcher: str = opt("ray", "ray: Ray Train workers; local: the same loop in this process (1 worker, no Ray)",

@@ -499,14 +499,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if with_grad:
                 probs = exps.div_(sums[:, None])  # softmax
                 probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-                probs.mul_(valid[:, None])
-                probs = probs.to(hidden.dtype)
-                grad_hidden[start:start + chunk] = probs @ weight
+                probs.mul_(valid[:, None])  # fp32
+                low = probs.to(hidden.dtype)
+                grad_hidden[start:start + chunk] = low @ weight
                 if compute_dtype == torch.bfloat16:  # the product in bf16 (as autocast does), summed in fp32
-                    grad_weight.add_(probs.t() @ h)
+                    grad_weight.add_(low.t() @ h)
                 else:  # fp32, in place (no (vocab, hidden) temporary per chunk); also for fp16, whose range a
                     # chunk's unscaled sum over thousands of rows could exceed (the loss scale cannot help here)
-                    _accumulate_product(grad_weight, probs.t().float(), h.float())
+                    _accumulate_product(grad_weight, probs.t(), h.float())
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)  # fp32: scaled before any 16-bit cast
             ctx.weight_dtype = weight.dtype

@@ -64,6 +64,12 @@ class StepProfiler:
             self.prof = profile(activities=activities)
             self.prof.start()
 
+    def close(self) -> None:
+        """Stop a profile left running (the run failed inside the window); nothing is written."""
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
     def step_ends(self, step: int) -> list[str] | None:
         """The summary lines after the window's last step, else None."""
         if not self.active or step != self.window[1]:

@@ -58,14 +58,18 @@ def init_local_ray(**kwargs) -> None:
     a warning saying what it costs) where Ray's dashboard packages (`ray[default]`) are missing."""
     import ray
 
-    try:
+    try:  # Ray's own check, which ray.init(include_dashboard=True) makes only after starting its GCS
+        from ray._private.utils import get_dashboard_dependency_error
+
+        missing = get_dashboard_dependency_error()
+    except ImportError:  # a Ray without it: try the dashboard
+        missing = None
+    if not missing:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
-    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-        if "missing packages" not in str(e):
-            raise
-        ray.shutdown()
-        sys.stderr.write("raylm: Ray's dashboard packages are missing (pip install 'ray[default]'); starting Ray "
-                         "without its dashboard, so `ray job submit` and Ray's state API are unavailable\n")
+    else:
+        sys.stderr.write(f"raylm: Ray's dashboard packages are missing ({missing}; pip install 'ray[default]'); "
+                         "starting Ray without its dashboard, so `ray job submit` and Ray's state API are "
+                         "unavailable\n")
         ray.init(include_dashboard=False, **kwargs)
 
 

@@ -399,7 +399,8 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     """Whether the model computes its loss in chunks, never holding the logits (LLMModel's
-    return_logits=False): --loss_chunking on/off; auto is on, since it measured faster on both
+    return_logits=False): --loss_chunking on/off; auto is on (on every device, which is kept as an
+    argument for devices where that may differ), since it measured faster on both
     kinds of device: on CPU (jobs/bench_vs_hf.py) and on an H200 (bf16, compiled: +4.9% tokens/s,
     jobs/gpu_check.sh), besides needing less memory."""
     return setting in ("on", "auto")
@@ -673,6 +674,9 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     profiler = StepProfiler(profile_window(start_step, cfg.max_steps, cfg.profile_steps, warm_steps) if is_main
                             else None, device, Path(logger.dir) / "profile" if logger else None)
     window_profiled = False
+    if cfg.profile_steps and is_main and profiler.window is None:
+        say(f"--profile_steps {cfg.profile_steps}: no profile, the run ends inside its first {warm_steps} "
+            f"(warm-up) steps; raise --max_steps")
     nonfinite_total = state.get("nonfinite_steps", 0) if state else 0
     nonfinite_run = 0
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -813,6 +817,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             elif do_eval:
                 session.report(metrics)
     finally:
+        profiler.close()
         context.close()
         prefetch.close()
         if logger:

@@ -219,7 +219,11 @@ def test_profile_steps_writes_where_the_time_went_and_keeps_it_out_of_throughput
     assert table.startswith("Profile of 2 step(s): CPU operator self time")
     assert "matmul" in table and "aten::mm" in table and "slowest operators:" in table
     assert (tmp_path / "profile" / "trace.json").stat().st_size > 0
-    assert summary(tmp_path)["tokens_per_sec_warm"] > 0  # steps 3-6 are warm and unprofiled
+    # warm, unprofiled windows: steps 3-4 and 5-6 (the same tokens each); 7-8 are profiled, left out
+    windows = {r["step"]: r["tokens_per_sec"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+               if r.get("tokens_per_sec")}
+    harmonic = 2 / (1 / windows[4] + 1 / windows[6])
+    assert summary(tmp_path)["tokens_per_sec_warm"] == pytest.approx(harmonic, rel=1e-6)
     with pytest.raises(ConfigError, match="profile_steps"):
         cfg_for(packed_data, tmp_path / "bad", profile_steps=-1)
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylm.config import TrainConfig  # noqa: E402
+from raylm.config import ATTENTION_BACKENDS, LOSS_CHUNKING, TrainConfig  # noqa: E402
 from raylm.data import write_synthetic_dataset  # noqa: E402
 from raylm.model import flops_per_token, model_config_from  # noqa: E402
 from raylm.train import gpu_peak_flops, train  # noqa: E402
@@ -81,9 +81,9 @@ def main(argv=None) -> dict:
     p.add_argument("--use_gpu", action="store_true")
     p.add_argument("--mixed_precision", default="off")
     p.add_argument("--compile_model", action="store_true")
-    p.add_argument("--loss_chunking", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--loss_chunking", default="auto", choices=LOSS_CHUNKING,
                    help="as `raylm train --loss_chunking`: auto = on (chunked), off = full logits")
-    p.add_argument("--attention_backend", default="auto", choices=["auto", "flash", "cudnn"],
+    p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="as `raylm train --attention_backend`: the SDPA kernel to prefer on GPUs")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="profile this many steps at the end of the last run (left out of its tokens/s)")
@@ -122,9 +122,7 @@ def main(argv=None) -> dict:
                                      "wall_s": s["wall_s"]}
         profile = work / f"run_{launcher}" / "profile" / "kernels.txt"
         if profile.exists():
-            text = profile.read_text()
-            results["runs"][launcher]["profile"] = text.split("\n\n")[0]  # the summary; then the whole table
-            results["runs"][launcher]["profile_table"] = text
+            results["runs"][launcher]["profile"] = profile.read_text()  # the summary, a blank line, the table
     print("\n" + "=" * 72)
     print(f"bench_train: {results['device']}, torch {results['torch']}, model {args.model_size or 'custom'}, "
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
@@ -148,7 +146,8 @@ def main(argv=None) -> dict:
         print(f"  Ray Train / plain process: {ratio:.3f} (overhead {100 * (1 - ratio):+.1f}%)")
     for name, r in results["runs"].items():
         if r.get("profile"):
-            print(f"  {name} run, profiled:\n" + "\n".join("    " + line for line in r["profile"].splitlines()))
+            summary = r["profile"].split("\n\n")[0]
+            print(f"  {name} run, profiled:\n" + "\n".join("    " + line for line in summary.splitlines()))
     print("=" * 72)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -48,7 +48,6 @@ class StepProfiler:
     def __init__(self, window: tuple[int, int] | None, device: torch.device, out_dir: str | Path | None):
         self.window, self.device, self.out_dir = window, device, Path(out_dir) if out_dir else None
         self.prof = None
-        self.lines: list[str] = []
 
     @property
     def active(self) -> bool:
@@ -77,19 +76,19 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.prof.stop()
-        self.lines = summarize(self.prof, self.device, self.window[1] - self.window[0] + 1)
+        lines = summarize(self.prof, self.device, self.window[1] - self.window[0] + 1)
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = self.prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
             tmp = self.out_dir / "kernels.txt.tmp"
-            tmp.write_text("\n".join(self.lines) + "\n\n" + table + "\n")
+            tmp.write_text("\n".join(lines) + "\n\n" + table + "\n")
             tmp.replace(self.out_dir / "kernels.txt")
             with contextlib.suppress(Exception):  # a trace is a convenience; the table is the record
                 self.prof.export_chrome_trace(str(self.out_dir / "trace.json.tmp"))
                 (self.out_dir / "trace.json.tmp").replace(self.out_dir / "trace.json")
         self.prof = None
-        return self.lines
+        return lines
 
 
 def summarize(prof, device: torch.device, steps: int, top: int = 12) -> list[str]:

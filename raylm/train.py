@@ -399,10 +399,9 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     """Whether the model computes its loss in chunks, never holding the logits (LLMModel's
-    return_logits=False): --loss_chunking on/off; auto is on (on every device, which is kept as an
-    argument for devices where that may differ), since it measured faster on both
-    kinds of device: on CPU (jobs/bench_vs_hf.py) and on an H200 (bf16, compiled: +4.9% tokens/s,
-    jobs/gpu_check.sh), besides needing less memory."""
+    return_logits=False): --loss_chunking on/off; auto is on, on every device so far (the device
+    stays an argument for one where it may not be): it measured faster on CPU (jobs/bench_vs_hf.py)
+    and on an H200 (bf16, compiled: +4.9% tokens/s, jobs/gpu_check.sh), and needs less memory."""
     return setting in ("on", "auto")
 
 
@@ -668,11 +667,12 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     from raylm.model import preferred_attention
     from raylm.profiling import StepProfiler, profile_window
 
-    context = contextlib.ExitStack()  # closed in the finally below
-    context.enter_context(preferred_attention(device, cfg.attention_backend))
     warm_steps = max(2, cfg.log_interval if cfg.compile_model else 1)
     profiler = StepProfiler(profile_window(start_step, cfg.max_steps, cfg.profile_steps, warm_steps) if is_main
                             else None, device, Path(logger.dir) / "profile" if logger else None)
+    context = contextlib.ExitStack()  # closed in the finally below
+    context.enter_context(preferred_attention(device, cfg.attention_backend))
+    context.callback(profiler.close)  # a run that fails inside the profiled steps stops the profiler
     window_profiled = False
     if cfg.profile_steps and is_main and profiler.window is None:
         say(f"--profile_steps {cfg.profile_steps}: no profile, the run ends inside its first {warm_steps} "
@@ -817,7 +817,6 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             elif do_eval:
                 session.report(metrics)
     finally:
-        profiler.close()
         context.close()
         prefetch.close()
         if logger:

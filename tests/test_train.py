@@ -261,3 +261,18 @@ def test_attention_backend_sets_the_sdpa_priority_on_gpus_only(packed_data, tmp_
         assert torch._C._get_sdp_priority_order() == before  # CPU and auto: PyTorch's own order
     with pytest.raises(ConfigError, match="attention_backend"):
         cfg_for(packed_data, tmp_path / "bad", attention_backend="fastest")
+
+
+def test_profile_steps_stop_with_a_failed_run_and_say_when_a_run_is_too_short(packed_data, tmp_path, capsys):
+    from raylm.train import SimulatedFailure
+
+    # the run fails inside its profiled steps (5-8): the profiler stops with it, nothing is written
+    with pytest.raises(SimulatedFailure):
+        train(cfg_for(packed_data, tmp_path / "failed", max_steps=8, launcher="local", profile_steps=4,
+                      simulate_failure_at_step=6))
+    assert not torch._C._autograd._profiler_enabled()
+    assert not (tmp_path / "failed" / "profile").exists()
+    # a run made of warm-up steps only has nothing to profile, and says so
+    train(cfg_for(packed_data, tmp_path / "short", max_steps=2, launcher="local", profile_steps=2))
+    assert "--profile_steps 2: no profile" in capsys.readouterr().out
+    assert not (tmp_path / "short" / "profile").exists()

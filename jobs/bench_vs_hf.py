@@ -16,14 +16,18 @@ loop of the issue (torch's default AdamW, the loss from full logits). Hugging Fa
 attn_implementation="sdpa" (its default) and use_cache=False (a training loop keeps no KV cache).
 "compiled" is torch.compile(model) with default settings for both.
 
-The two models' timing windows alternate (raylm, HF, HF, raylm, ...) in one process, so a busy
-moment of a shared machine hits both alike; tokens/sec is the median over the windows after
-warm-up (and after compilation), and the ratio is raylm's median over HF's. Because other work
-on a shared machine comes and goes, three steadier ratios are printed next to it: the median of
-the ratios of adjacent windows ("paired"), the ratio of each model's fastest window ("best"), and
-the ratio of tokens per CPU-second of this process ("per CPU-s"; --threads 1 also removes the
-threads' waits on each other). The first loss of both models is printed: equal weights give equal
-losses, which checks that the two really are the same model.
+Each model trains in a process of its own (--isolation process, the default), as `raylm train` and
+a user's own transformers script would. The two models' timing windows alternate (raylm, HF, HF,
+raylm, ...), one process running while the other waits, so a busy moment of a shared machine hits
+both alike; tokens/sec is the median over the windows after warm-up (and after compilation), and
+the ratio is raylm's median over HF's. --isolation shared runs both in this one process instead,
+where each model's allocations change the other's: glibc hands large freed blocks back to the
+kernel, and the next step page-faults to map them again (the "faults/step" column counts them).
+Because other work on a shared machine comes and goes, three steadier ratios are printed next to
+the median: the median of the ratios of adjacent windows ("paired"), the ratio of each model's
+fastest window ("best"), and the ratio of tokens per CPU-second of each model's process ("per
+CPU-s"; --threads 1 also removes the threads' waits on each other). The first loss of both models
+is printed: equal weights give equal losses, which checks that the two really are the same model.
 """
 from __future__ import annotations
 
@@ -96,39 +100,147 @@ def make_step(model: torch.nn.Module, is_hf: bool, compile_model: bool):
     return step
 
 
-def measure_pair(size: dict, compile_model: bool, *, warmup_steps: int, windows: int, steps_per_window: int) -> dict:
-    """Warm tokens/sec of raylm and HF on one size and mode, timing windows interleaved."""
-    ours, hf = build_pair(size)
-    vocab, batch, seq = size["model"]["vocab_size"], size["batch"], size["seq"]
+def _batches(size: dict) -> list[torch.Tensor]:
+    """The same four random batches for both models (and in every process)."""
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(4)]
-    steps = {"raylm": make_step(ours, False, compile_model), "hf": make_step(hf, True, compile_model)}
-    first_loss, warm_s = {}, {}
-    for name, step in steps.items():  # warm-up (and compilation): not timed into tokens/sec
+    return [torch.randint(0, size["model"]["vocab_size"], (size["batch"], size["seq"]), generator=gen)
+            for _ in range(4)]
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: each is a fresh page the kernel had to map (and zero)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class _Trainer:
+    """One model's training loop in this process: warm-up, then timed windows of steps."""
+
+    def __init__(self, size_name: str, which: str, compile_model: bool, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        size = SIZES[size_name]
+        ours, hf = build_pair(size)
+        self.params = ours.num_params()
+        model = ours if which == "raylm" else hf
+        del ours, hf
+        self.batches = _batches(size)
+        self.tokens = size["batch"] * size["seq"]
+        self.step = make_step(model, which == "hf", compile_model)
+
+    def warm(self, steps: int) -> dict:
         t = time.perf_counter()
-        for i in range(warmup_steps):
-            loss = step(batches[i % len(batches)])
+        first_loss = None
+        for i in range(steps):  # compilation happens here: not timed into tokens/sec
+            loss = self.step(self.batches[i % len(self.batches)])
             if i == 0:
-                first_loss[name] = float(loss.detach())
-        warm_s[name] = time.perf_counter() - t
-    tps: dict[str, list[float]] = {name: [] for name in steps}
-    cpu_tps: dict[str, list[float]] = {name: [] for name in steps}
-    for w in range(windows):
-        for name in (("raylm", "hf") if w % 2 == 0 else ("hf", "raylm")):
-            t, cpu = time.perf_counter(), time.process_time()
-            for i in range(steps_per_window):
-                loss = steps[name](batches[i % len(batches)])
-            float(loss.detach())  # the window ends when its last step has finished
-            tokens = batch * seq * steps_per_window
-            tps[name].append(tokens / (time.perf_counter() - t))
-            cpu_tps[name].append(tokens / (time.process_time() - cpu))
+                first_loss = float(loss.detach())
+        return {"first_loss": first_loss, "warmup_s": time.perf_counter() - t, "params": self.params}
+
+    def window(self, steps: int) -> tuple[float, float, int]:
+        """(wall seconds, CPU seconds of this process, minor page faults) of `steps` training steps."""
+        t, cpu, faults = time.perf_counter(), time.process_time(), _minor_faults()
+        for i in range(steps):
+            loss = self.step(self.batches[i % len(self.batches)])
+        float(loss.detach())  # the window ends when its last step has finished
+        return time.perf_counter() - t, time.process_time() - cpu, _minor_faults() - faults
+
+
+def _serve(conn, size_name: str, which: str, compile_model: bool, threads: int | None) -> None:
+    """A worker process's loop: builds one model, then runs what the parent asks, one request at a time."""
+    import traceback
+
+    try:
+        trainer = _Trainer(size_name, which, compile_model, threads)
+        conn.send(("ok", None))
+        while True:
+            request, steps = conn.recv()
+            if request == "stop":
+                return
+            conn.send(("ok", getattr(trainer, request)(steps)))
+    except Exception:  # the parent raises it with the worker's traceback
+        conn.send(("error", traceback.format_exc()))
+
+
+class _InProcess:
+    def __init__(self, *args):
+        self.trainer = _Trainer(*args)
+
+    def __call__(self, request: str, steps: int):
+        return getattr(self.trainer, request)(steps)
+
+    def close(self):
+        del self.trainer
+
+
+class _OwnProcess:
+    """The same trainer in a process of its own (spawned: no state shared with the parent or the other model)."""
+
+    def __init__(self, *args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, *args), daemon=True)
+        self.proc.start()
+        child.close()
+        self._reply()
+
+    def _reply(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.proc.join(timeout=10)
+            raise RuntimeError(f"the benchmark's worker process died (exit code {self.proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"the benchmark's worker process failed:\n{value}")
+        return value
+
+    def __call__(self, request: str, steps: int):
+        self.conn.send((request, steps))
+        return self._reply()
+
+    def close(self):
+        self.conn.send(("stop", 0))
+        self.proc.join(timeout=60)
+
+
+def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, windows: int, steps_per_window: int,
+                 isolation: str = "process", threads: int | None = None) -> dict:
+    """Warm tokens/sec of raylm and HF on one size and mode, timing windows interleaved.
+
+    isolation "process": each model trains in a process of its own, as `raylm train` and a user's own
+    transformers script would; only one of them runs at a time. "shared": both in this process, where
+    one model's allocations change the other's (glibc returns freed large blocks to the kernel, and
+    the next step takes page faults to map them again)."""
+    runner = _OwnProcess if isolation == "process" else _InProcess
+    size = SIZES[size_name]
+    runners = {name: runner(size_name, name, compile_model, threads) for name in ("raylm", "hf")}
+    try:
+        warm = {name: run("warm", warmup_steps) for name, run in runners.items()}  # one after the other
+        tokens = size["batch"] * size["seq"] * steps_per_window
+        tps: dict[str, list[float]] = {name: [] for name in runners}
+        cpu_tps: dict[str, list[float]] = {name: [] for name in runners}
+        faults: dict[str, list[float]] = {name: [] for name in runners}
+        for w in range(windows):
+            for name in (("raylm", "hf") if w % 2 == 0 else ("hf", "raylm")):
+                wall, cpu, flt = runners[name]("window", steps_per_window)
+                tps[name].append(tokens / wall)
+                cpu_tps[name].append(tokens / cpu)
+                faults[name].append(flt / steps_per_window)
+    finally:
+        for run in runners.values():
+            run.close()
     result = {name: statistics.median(v) for name, v in tps.items()}
-    result.update(ratio=result["raylm"] / result["hf"], windows=tps, first_loss=first_loss, warmup_s=warm_s,
-                  params=ours.num_params(), cpu={name: statistics.median(v) for name, v in cpu_tps.items()})
+    result.update(ratio=result["raylm"] / result["hf"], windows=tps, isolation=isolation,
+                  first_loss={name: w["first_loss"] for name, w in warm.items()},
+                  warmup_s={name: w["warmup_s"] for name, w in warm.items()}, params=warm["raylm"]["params"],
+                  cpu={name: statistics.median(v) for name, v in cpu_tps.items()},
+                  page_faults_per_step={name: statistics.median(v) for name, v in faults.items()})
     result["cpu_ratio"] = result["cpu"]["raylm"] / result["cpu"]["hf"]
     result["paired_ratio"] = statistics.median(a / b for a, b in zip(tps["raylm"], tps["hf"]))  # adjacent windows
     result["best_ratio"] = max(tps["raylm"]) / max(tps["hf"])
-    del ours, hf, steps
     return result
 
 
@@ -140,6 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps_per_window", type=int, default=3)
     p.add_argument("--warmup_steps", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--isolation", choices=["process", "shared"], default="process",
+                   help="process: each model trains in a process of its own, as raylm and a user's own script would "
+                        "(only one runs at a time); shared: both in this one process, where each one's allocations "
+                        "change the other's page faults")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run with a toy model")
     args = p.parse_args(argv)
@@ -151,12 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     load_before = os.getloadavg()[0]  # other work on a shared machine skews every figure below
     results = {"device": f"CPU x{os.cpu_count()}", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "hf_attn_implementation": "sdpa", "runs": []}
+               "transformers": transformers.__version__, "hf_attn_implementation": "sdpa", "isolation": args.isolation,
+               "runs": []}
     t0 = time.perf_counter()
     for size_name in args.sizes:
         for mode in args.modes:
-            r = measure_pair(SIZES[size_name], mode == "compiled", warmup_steps=args.warmup_steps,
-                             windows=args.windows, steps_per_window=args.steps_per_window)
+            r = measure_pair(size_name, mode == "compiled", warmup_steps=args.warmup_steps, windows=args.windows,
+                             steps_per_window=args.steps_per_window, isolation=args.isolation, threads=args.threads)
             r.update(size=size_name, mode=mode)
             results["runs"].append(r)
             print(f"  {size_name:9s} {mode:8s} raylm {r['raylm']:>9,.0f}  hf {r['hf']:>9,.0f} tokens/s  "
@@ -167,19 +284,23 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + "=" * 78)
     print(f"bench_vs_hf: {results['device']} ({results['torch_threads']} torch threads), torch {torch.__version__}, "
           f"transformers {transformers.__version__}; HF attn_implementation=sdpa; fp32; "
-          f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; load average "
+          f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; each model in "
+          f"{'a process of its own' if args.isolation == 'process' else 'this one process'}; load average "
           f"{load_before:.1f} before, {results['load_average'][1]:.1f} after")
     print(f"{'size':9s} {'mode':8s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} {'HF tok/s':>10s} "
-          f"{'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s}  first loss raylm / HF")
+          f"{'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s} {'faults/step':>13s}  first loss raylm / HF")
     for r in results["runs"]:
         size = SIZES[r["size"]]
         print(f"{r['size']:9s} {r['mode']:8s} {r['params'] / 1e6:7.1f}M {size['batch'] * size['seq']:>11,} "
               f"{r['raylm']:>12,.0f} {r['hf']:>10,.0f} {r['ratio']:>8.3f} {r['paired_ratio']:>6.3f} "
-              f"{r['best_ratio']:>6.3f} {r['cpu_ratio']:>9.3f}  "
+              f"{r['best_ratio']:>6.3f} {r['cpu_ratio']:>9.3f} "
+              f"{r['page_faults_per_step']['raylm']:>6,.0f}/{r['page_faults_per_step']['hf']:<6,.0f}  "
               f"{r['first_loss']['raylm']:.4f} / {r['first_loss']['hf']:.4f}")
     print("raylm/HF: of the median wall-clock tokens/s (the target); paired: median of the ratios of adjacent "
-          "windows; best: of each model's fastest window; per CPU-s: of the median tokens per CPU-second of this "
-          "process. On a machine other work shares, the last three move less than the first.")
+          "windows; best: of each model's fastest window; per CPU-s: of the median tokens per CPU-second of "
+          "each model's process. On a machine other work shares, the last three move less than the first. "
+          "faults/step: minor page faults per step, raylm/HF (fresh memory the kernel maps and zeroes: large "
+          "tensors freed and allocated again each step).")
     met = {name: all(r[key] >= 1.1 for r in results["runs"]) for name, key in (("median", "ratio"),
                                                                               ("paired", "paired_ratio"))}
     print("target raylm >= 1.1x HF in every pairing: "

@@ -22,8 +22,9 @@ TIMEOUT_S = 600  # per script, on a busy 2-core machine
 EXPECTED = {
     "bench_train.py": ["bench_train: CPU", "measured matmul peak:", "local :", "ray   :", "Ray Train / plain process:",
                        "data wait p95"],
-    "bench_vs_hf.py": ["bench_vs_hf: CPU", "HF attn_implementation=sdpa", "raylm/HF paired   best per CPU-s",
-                       "smoke     eager", "target raylm >= 1.1x HF in every pairing:"],
+    "bench_vs_hf.py": ["bench_vs_hf: CPU", "HF attn_implementation=sdpa", "each model in a process of its own",
+                       "raylm/HF paired   best per CPU-s   faults/step", "smoke     eager",
+                       "target raylm >= 1.1x HF in every pairing:"],
     "bench_prepare.py": ["raylm prepare, bpe vocab 400", "ceiling", "peak PSS MB"],
     "bench_prepare_scaling.py": ["raylm prepare scaling:", "ceiling MB/s", "scaling bpe 1 -> 2 workers:",
                                  "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],
@@ -68,3 +69,13 @@ def test_benchmark_runs_in_smoke_mode_and_prints_its_summary(script, smoke_runs)
     assert code == 0, f"jobs/{script} --smoke exited with {code}:\n{output[-4000:]}"
     missing = [line for line in EXPECTED[script] if line not in output]
     assert not missing, f"jobs/{script} --smoke did not print {missing}:\n{output[-4000:]}"
+
+
+def test_bench_vs_hf_trains_the_same_model_in_both_processes(smoke_runs):
+    """raylm and transformers train in processes of their own, from the same weights and batches: their first
+    losses (printed at the end of the smoke row) must agree, or the two are not the same model."""
+    code, output = smoke_runs["bench_vs_hf.py"]
+    assert code == 0, output[-4000:]
+    row = next(line for line in output.splitlines() if line.startswith("smoke     eager"))
+    ours, theirs = (float(x) for x in row.rsplit(None, 3)[1::2])
+    assert ours == pytest.approx(theirs, abs=1e-4), row

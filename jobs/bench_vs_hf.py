@@ -11,7 +11,8 @@ tokens, batch and sequence length, and the same plain loop: forward with labels=
 model shifts the labels itself and computes the loss in fp32), backward, clip_grad_norm_(1.0),
 AdamW.step(), zero_grad(set_to_none=True). fp32, no autocast, dropout 0. raylm's side runs as
 `raylm train` does on CPU: its loss computed in chunks without materialising the logits
-(LLMModel's return_logits=False) and AdamW's fused kernel; transformers' side is the plain AdamW
+(LLMModel's return_logits=False), AdamW's fused kernel, and glibc's malloc told to keep the memory
+a step frees (raylm.runtime.keep_freed_memory); transformers' side is the plain AdamW
 loop of the issue (torch's default AdamW, the loss from full logits). Hugging Face runs with
 attn_implementation="sdpa" (its default) and use_cache=False (a training loop keeps no KV cache).
 "compiled" is torch.compile(model) with default settings for both.
@@ -21,8 +22,9 @@ a user's own transformers script would. The two models' timing windows alternate
 raylm, ...), one process running while the other waits, so a busy moment of a shared machine hits
 both alike; tokens/sec is the median over the windows after warm-up (and after compilation), and
 the ratio is raylm's median over HF's. --isolation shared runs both in this one process instead,
-where each model's allocations change the other's: glibc hands large freed blocks back to the
-kernel, and the next step page-faults to map them again (the "faults/step" column counts them).
+where each model's allocations change the other's, and where raylm's malloc setting applies to
+both: by default glibc hands large freed blocks back to the kernel, and the next step page-faults
+to map them again (the "faults/step" column counts them).
 Because other work on a shared machine comes and goes, three steadier ratios are printed next to
 the median: the median of the ratios of adjacent windows ("paired"), the ratio of each model's
 fastest window ("best"), and the ratio of tokens per CPU-second of each model's process ("per
@@ -120,6 +122,10 @@ class _Trainer:
     def __init__(self, size_name: str, which: str, compile_model: bool, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        if which == "raylm":  # as `raylm train` sets up a CPU run (process-wide: in --isolation shared, HF's too)
+            from raylm.runtime import keep_freed_memory
+
+            keep_freed_memory()
         size = SIZES[size_name]
         ours, hf = build_pair(size)
         self.params = ours.num_params()

@@ -111,8 +111,15 @@ def resolve(path: str | os.PathLike, *, warn=print) -> Path:
     """A checkpoint folder, or a save_dir (then its newest complete checkpoint). Refuses broken ones
     with a message that names the newest usable alternative."""
     p = Path(path)
+    if not p.exists() and p.suffix == ".pt" and p.with_suffix("").is_dir():
+        # checkpoint_step_5000.pt: the single-file name other trainers use (and the guide shows);
+        # raylm's checkpoint is the folder of that name
+        p = p.with_suffix("")
     if not p.exists():
-        raise ConfigError(f"checkpoint {str(p)!r} does not exist")
+        kept = [c.name for _, c in list_checkpoints(p.parent)] if p.parent.is_dir() else []
+        hint = (f"; {p.parent} holds {', '.join(kept)} (newest first; --keep_checkpoints sets how many are "
+                "kept)" if kept else "")
+        raise ConfigError(f"checkpoint {str(p)!r} does not exist{hint}")
     if (p / MANIFEST).exists() or CKPT_RE.match(p.name) or (p / "state.json").exists():
         reason = verify(p)
         if reason is None:

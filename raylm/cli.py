@@ -153,7 +153,8 @@ def explain_error(e: BaseException) -> str | None:
         return ("out of memory: lower --micro_batch_size (the global --batch_size stays the same through "
                 "gradient accumulation), or use a smaller model / --max_length.")
     if "Address already in use" in text:
-        return "a port is already in use (another Ray or training run?): stop it, or reuse it with RAY_ADDRESS=auto."
+        return ("a port raylm/Ray needs is already in use (another Ray or training run?): stop it, or reuse it with "
+                "RAY_ADDRESS=auto.")
     return None
 
 

@@ -557,6 +557,10 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     precision = resolve_precision(cfg.mixed_precision, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
+    else:  # no page faults re-mapping the activations each step frees (1-2% of a small model's CPU step)
+        from raylm.runtime import keep_freed_memory
+
+        keep_freed_memory()
 
     resume_from = pick_resume_checkpoint(config, session, say)
     state = ckpt.load_state(resume_from) if resume_from else None
@@ -919,11 +923,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not is_remote(cfg.save_dir):
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     if cfg.launcher == "local":
+        _say_unused_gpus(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         result_ckpt, metrics = _train_local(plan)
     else:
         from raylm.runtime import ensure_ray
 
         ensure_ray()
+        import ray
+
+        _say_unused_gpus(cfg, int(ray.cluster_resources().get("GPU", 0)))
         if not cfg.wait_for_workers:
             _check_cluster_fits(cfg)
         trainer = build_trainer(plan)
@@ -940,6 +948,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         final_dir = str(ckpt.publish_local(result_ckpt, Path(cfg.save_dir) / "final"))
         print(f"Final model: {final_dir}")
     return TrainResult(final_dir, result_ckpt, metrics)
+
+
+def unused_gpus_note(cfg: TrainConfig, gpus: int) -> str | None:
+    """What to say when GPUs are there and the run will not use them (CPU unless --use_gpu)."""
+    if cfg.use_gpu or gpus <= 0:
+        return None
+    where = "on this machine" if cfg.launcher == "local" else "in the Ray cluster"
+    return (f"raylm: training on CPU, although {gpus} GPU(s) are available {where}: add --use_gpu to train on "
+            f"{'it' if gpus == 1 else 'them'} (with --num_workers N for N GPUs)")
+
+
+def _say_unused_gpus(cfg: TrainConfig, gpus: int) -> None:
+    note = unused_gpus_note(cfg, gpus)
+    if note:
+        sys.stderr.write(note + "\n")
 
 
 def _train_local(plan: RunPlan) -> tuple[str | None, dict]:

@@ -67,3 +67,17 @@ def test_prune_keeps_newest_complete(tmp_path):
     removed = ckpt.prune(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["checkpoint_step_1", "checkpoint_step_2"]
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 3]
+
+
+def test_resume_accepts_the_single_file_name_and_lists_what_is_kept(tmp_path):
+    """--checkpoint save_dir/checkpoint_step_N.pt (the name single-file trainers and the guide use)
+    finds raylm's checkpoint_step_N folder; a checkpoint that is gone (pruned, or a typo) is refused
+    with the ones that are there, newest first."""
+    for step in (2000, 10000):
+        _write(tmp_path, step)
+    assert ckpt.resolve(tmp_path / "checkpoint_step_2000.pt") == tmp_path / "checkpoint_step_2000"
+    with pytest.raises(ConfigError, match=r"checkpoint_step_5000.pt' does not exist; .* holds checkpoint_step_10000, "
+                                          r"checkpoint_step_2000 \(newest first; --keep_checkpoints"):
+        ckpt.resolve(tmp_path / "checkpoint_step_5000.pt")
+    with pytest.raises(ConfigError, match=r"does not exist$"):
+        ckpt.resolve(tmp_path / "nowhere" / "checkpoint_step_1")

@@ -1,6 +1,8 @@
 """`raylm train`: the loop on one shared local Ray, tiny models on CPU."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,38 @@ def test_loss_chunking_on_and_off_train_alike(packed_data, tmp_path):
         True, True, False, True, True, False]
 
 
+_CHURN = """
+import resource, sys, torch
+from raylm.runtime import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():  # a step's activations: 64 MiB, every page written, then freed
+    t = torch.ones(16 << 20); del t
+for _ in range(8):  # glibc's aligned allocations take a few steps to find a freed block that fits
+    step()
+before = faults()
+for _ in range(4):
+    step()
+print(kept, (faults() - before) / 4 / (64 << 20 >> 12))  # faults per page of each allocation
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_a_step_from_page_faulting_its_memory_back(tmp_path):
+    """CPU training calls keep_freed_memory(): memory a step frees is reused by the next without the
+    kernel mapping (and zeroing) it again. Without it, glibc unmaps a 64 MiB block on free, and every
+    allocation faults in all of its pages."""
+    def fault_share(mode: str) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True, check=True)
+        kept, share = out.stdout.split()
+        return kept, float(share)
+
+    assert fault_share("default") == ("None", pytest.approx(1.0, abs=0.05))  # each allocation: every page
+    kept, share = fault_share("keep")
+    assert kept == "True" and share < 0.01
+
+
 def test_profile_steps_writes_where_the_time_went_and_keeps_it_out_of_throughput(packed_data, tmp_path):
     """--profile_steps N: the last N steps run under torch.profiler (never the warm-up ones); the
     table lands in save_dir/profile, and the profiled log window is not counted as throughput."""
@@ -276,3 +310,20 @@ def test_profile_steps_stop_with_a_failed_run_and_say_when_a_run_is_too_short(pa
     train(cfg_for(packed_data, tmp_path / "short", max_steps=2, launcher="local", profile_steps=2))
     assert "--profile_steps 2: no profile" in capsys.readouterr().out
     assert not (tmp_path / "short" / "profile").exists()
+
+
+def test_a_run_that_leaves_gpus_unused_says_how_to_use_them(packed_data, tmp_path):
+    """The guide's GPU commands have no --use_gpu; raylm trains on CPU unless asked, so it says so
+    when GPUs are there (on this machine for --launcher local, in the Ray cluster otherwise)."""
+    import dataclasses
+
+    from raylm.train import unused_gpus_note
+
+    local = cfg_for(packed_data, tmp_path, launcher="local")
+    assert unused_gpus_note(local, 0) is None
+    note = unused_gpus_note(local, 1)
+    assert "training on CPU" in note and "1 GPU(s) are available on this machine" in note and "add --use_gpu" in note
+    on_ray = cfg_for(packed_data, tmp_path, launcher="ray")
+    assert "4 GPU(s) are available in the Ray cluster" in unused_gpus_note(on_ray, 4)
+    assert unused_gpus_note(dataclasses.replace(on_ray, use_gpu=True), 4) is None
+

@@ -924,7 +924,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     if cfg.launcher == "local":
         _say_unused_gpus(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        result_ckpt, metrics = _train_local(plan)
+        try:
+            result_ckpt, metrics = _train_local(plan)
+        except torch.cuda.OutOfMemoryError as e:  # the same advice as a Ray run's, with the sizes
+            raise TrainingError(_explain_failure(e, cfg)) from None
     else:
         from raylm.runtime import ensure_ray
 

@@ -327,3 +327,17 @@ def test_a_run_that_leaves_gpus_unused_says_how_to_use_them(packed_data, tmp_pat
     assert "4 GPU(s) are available in the Ray cluster" in unused_gpus_note(on_ray, 4)
     assert unused_gpus_note(dataclasses.replace(on_ray, use_gpu=True), 4) is None
 
+
+
+def test_out_of_memory_under_the_local_launcher_names_a_micro_batch_that_may_fit(packed_data, tmp_path,
+                                                                                  monkeypatch):
+    """A GPU running out of memory in `--launcher local` gets the Ray path's advice, sizes included."""
+    import raylm.train as train_module
+
+    def out_of_memory(*_args, **_kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "run_worker", out_of_memory)
+    with pytest.raises(TrainingError, match=r"out of memory with micro_batch_size 4: try --micro_batch_size 2 "
+                                            r"\(the global --batch_size 8 stays the same"):
+        train(cfg_for(packed_data, tmp_path, launcher="local", batch_size=8, micro_batch_size=4))

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylm.config import ATTENTION_BACKENDS, LOSS_CHUNKING, TrainConfig  # noqa: E402
+from raylm.config import ATTENTION_BACKENDS, COMPILE_MODES, LOSS_CHUNKING, TrainConfig  # noqa: E402
 from raylm.data import write_synthetic_dataset  # noqa: E402
 from raylm.model import flops_per_token, model_config_from  # noqa: E402
 from raylm.train import gpu_peak_flops, train  # noqa: E402
@@ -55,8 +55,8 @@ def run_once(args, data_dir: str, launcher: str, save_dir: str) -> dict:
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
         warmup_steps=2, learning_rate=3e-4, log_interval=args.log_interval, eval_interval=0, eval_steps=1,
         save_interval=0, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
-        compile_model=args.compile_model, launcher=launcher, cpus_per_worker=args.cpus_per_worker,
-        loss_chunking=args.loss_chunking, attention_backend=args.attention_backend,
+        compile_model=args.compile_model, compile_mode=args.compile_mode, launcher=launcher,
+        cpus_per_worker=args.cpus_per_worker, loss_chunking=args.loss_chunking, attention_backend=args.attention_backend,
         profile_steps=args.profile_steps if launcher == args.launchers.split(",")[-1] else 0)
     t = time.perf_counter()
     train(cfg)
@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--use_gpu", action="store_true")
     p.add_argument("--mixed_precision", default="off")
     p.add_argument("--compile_model", action="store_true")
+    p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="as `raylm train --compile_mode` (with --compile_model)")
     p.add_argument("--loss_chunking", default="auto", choices=LOSS_CHUNKING,
                    help="as `raylm train --loss_chunking`: auto = on (chunked), off = full logits")
     p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
@@ -112,6 +114,7 @@ def main(argv=None) -> dict:
                "torch": torch.__version__, "model_size": args.model_size, "params": None,
                "seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                "mixed_precision": args.mixed_precision, "compile": args.compile_model,
+               "compile_mode": args.compile_mode,
                "flops_per_token": fpt, "measured_peak_flops": peak, "datasheet_peak_flops": sheet, "runs": {}}
     for launcher in args.launchers.split(","):
         s = run_once(args, str(data_dir), launcher, str(work / f"run_{launcher}"))
@@ -126,7 +129,8 @@ def main(argv=None) -> dict:
     print("\n" + "=" * 72)
     print(f"bench_train: {results['device']}, torch {results['torch']}, model {args.model_size or 'custom'}, "
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
-          f"precision {args.mixed_precision}, compile {args.compile_model}, loss_chunking {args.loss_chunking}, "
+          f"precision {args.mixed_precision}, compile {args.compile_model}"
+          f"{' (' + args.compile_mode + ')' if args.compile_model else ''}, loss_chunking {args.loss_chunking}, "
           f"attention {args.attention_backend}")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f" | datasheet: {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
     for name, r in results["runs"].items():

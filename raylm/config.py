@@ -236,6 +236,7 @@ PRECISIONS = ("off", "auto", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 LOSS_CHUNKING = ("auto", "on", "off")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn")
+COMPILE_MODES = ("default", "tune-kernels", "max-autotune")
 
 
 @dataclasses.dataclass
@@ -278,6 +279,10 @@ class TrainConfig:
     mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag means auto (bf16 where supported, "
                                "else fp16 with loss scaling)", choices=PRECISIONS, flag_const="auto")
     compile_model: bool = opt(False, "torch.compile the model (warmed up before timing starts)")
+    compile_mode: str = opt("default", "with --compile_model: default (inductor's own kernel settings); "
+                            "tune-kernels (inductor's coordinate-descent search for each fused kernel's block sizes "
+                            "on GPUs, a longer compile); max-autotune (also benchmarks matmul kernels, without "
+                            "CUDA graphs: the longest compile)", choices=COMPILE_MODES)
     strategy: str = opt("ddp", "ddp: every worker holds the whole model; fsdp: weights, gradients and optimizer state "
                         "sharded across workers (PyTorch FSDP2), for models that do not fit one GPU with ddp",
                         choices=STRATEGIES)
@@ -349,6 +354,10 @@ class TrainConfig:
                               f"{', '.join(ATTENTION_BACKENDS)}")
         if self.profile_steps < 0:
             raise ConfigError(f"profile_steps ({self.profile_steps}) must be 0 (off) or a number of steps")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode ({self.compile_mode!r}) must be one of {', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and not self.compile_model:
+            raise ConfigError(f"compile_mode {self.compile_mode} applies to a compiled model: add --compile_model")
 
     @property
     def accumulation_steps(self) -> int:

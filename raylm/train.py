@@ -405,6 +405,21 @@ def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     return setting in ("on", "auto")
 
 
+def compile_options(mode: str) -> dict:
+    """torch.compile's arguments for --compile_mode. tune-kernels turns on inductor's
+    coordinate-descent tuning: each generated Triton kernel's block sizes and warps are searched
+    around its heuristic choice, benchmarked on the GPU at compile time (the C++ kernels of a CPU
+    run are unchanged). max-autotune also benchmarks matmul kernels (Triton templates against
+    cuBLAS), without CUDA graphs: a GPU step of the small model spends 132 of its 134 ms in kernels
+    (--profile_steps on an H200), so there is little launch time for them to save, and they would
+    hold a memory pool of their own."""
+    if mode == "tune-kernels":
+        return {"options": {"coordinate_descent_tuning": True}}
+    if mode == "max-autotune":
+        return {"mode": "max-autotune-no-cudagraphs"}
+    return {}
+
+
 def fused_adamw(device: torch.device, sharded_fp16: bool = False) -> bool:
     """AdamW's fused kernel: on CUDA and on CPU (one pass over each tensor; 3x faster on CPU). Not
     with FSDP in fp16: ShardedGradScaler's found_inf has shape (1,), which the fused step's
@@ -605,7 +620,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         np.random.seed((cfg.seed + 1000 * rank + start_step) % 2**32)
         random.seed(cfg.seed + 1000 * rank + start_step)
 
-    compiled = torch.compile(model) if cfg.compile_model else model
+    compiled = torch.compile(model, **compile_options(cfg.compile_mode)) if cfg.compile_model else model
     if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -658,7 +673,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say(f"Gradient accumulation steps: {cfg.accumulation_steps}")
     say(f"Tokens per step: {cfg.batch_size * seq_len:,}")
     say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}"
-        f" | Compile: {cfg.compile_model}"
+        f" | Compile: {cfg.compile_model}{' (' + cfg.compile_mode + ')' if cfg.compile_model else ''}"
         + (f" | Attention kernel: {cfg.attention_backend}" if device.type == "cuda" else ""))
     say(f"Training rows: {len(train_rows):,} | Validation rows: {len(val_rows):,}")
     if state:

@@ -108,12 +108,29 @@ def test_bf16_autocast_on_cpu_trains(packed_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_on_cpu_trains_and_matches_eager(packed_data, tmp_path):
+def test_compile_on_cpu_trains_and_matches_eager(packed_data, tmp_path, capsys):
+    """--compile_model (and --compile_mode tune-kernels, whose search only changes GPU kernels) trains
+    the same run as eager mode."""
     train(cfg_for(packed_data, tmp_path / "eager", max_steps=4, launcher="local", save_interval=0))
     train(cfg_for(packed_data, tmp_path / "compiled", max_steps=4, launcher="local", save_interval=0,
                   compile_model=True))
-    for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
-        assert a == pytest.approx(b, rel=1e-4)
+    train(cfg_for(packed_data, tmp_path / "tuned", max_steps=4, launcher="local", save_interval=0,
+                  compile_model=True, compile_mode="tune-kernels"))
+    assert "Compile: True (tune-kernels)" in capsys.readouterr().out
+    for a, b, c in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), losses(tmp_path / "tuned")):
+        assert a == pytest.approx(b, rel=1e-4) and a == pytest.approx(c, rel=1e-4)
+
+
+def test_compile_mode_needs_a_compiled_model_and_maps_to_torch_compile(packed_data, tmp_path):
+    from raylm.train import compile_options
+
+    with pytest.raises(ConfigError, match="compile_mode max-autotune applies to a compiled model: add --compile_model"):
+        cfg_for(packed_data, tmp_path, compile_mode="max-autotune")
+    with pytest.raises(ConfigError, match="compile_mode .* must be one of default, tune-kernels, max-autotune"):
+        cfg_for(packed_data, tmp_path, compile_model=True, compile_mode="fast")
+    assert compile_options("default") == {}
+    assert compile_options("tune-kernels") == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_options("max-autotune") == {"mode": "max-autotune-no-cudagraphs"}
 
 
 def test_nonfinite_steps_are_skipped_then_stop(packed_data, tmp_path, monkeypatch):

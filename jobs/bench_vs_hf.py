@@ -196,20 +196,34 @@ class _OwnProcess:
     def _reply(self):
         try:
             status, value = self.conn.recv()
-        except EOFError:
-            self.proc.join(timeout=10)
-            raise RuntimeError(f"the benchmark's worker process died (exit code {self.proc.exitcode})") from None
+        except (EOFError, OSError):  # the pipe closed or was reset: the worker is gone
+            self._died()
         if status == "error":
             raise RuntimeError(f"the benchmark's worker process failed:\n{value}")
         return value
 
+    def _died(self):
+        self.proc.join(timeout=10)
+        raise RuntimeError(f"the benchmark's worker process died (exit code {self.proc.exitcode}; -9 is a kill, "
+                           "e.g. by the kernel's out-of-memory killer)") from None
+
     def __call__(self, request: str, steps: int):
-        self.conn.send((request, steps))
+        try:
+            self.conn.send((request, steps))
+        except OSError:
+            self._died()
         return self._reply()
 
     def close(self):
-        self.conn.send(("stop", 0))
+        try:
+            self.conn.send(("stop", 0))
+        except OSError:  # the worker has died already (BrokenPipeError)
+            pass
         self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+        self.conn.close()
 
 
 def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, windows: int, steps_per_window: int,
@@ -222,8 +236,10 @@ def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, wind
     the next step takes page faults to map them again)."""
     runner = _OwnProcess if isolation == "process" else _InProcess
     size = SIZES[size_name]
-    runners = {name: runner(size_name, name, compile_model, threads) for name in ("raylm", "hf")}
+    runners = {}
     try:
+        for name in ("raylm", "hf"):  # inside the try: a second one that fails to start closes the first
+            runners[name] = runner(size_name, name, compile_model, threads)
         warm = {name: run("warm", warmup_steps) for name, run in runners.items()}  # one after the other
         tokens = size["batch"] * size["seq"] * steps_per_window
         tps: dict[str, list[float]] = {name: [] for name in runners}
@@ -237,7 +253,10 @@ def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, wind
                 faults[name].append(flt / steps_per_window)
     finally:
         for run in runners.values():
-            run.close()
+            try:
+                run.close()
+            except Exception as e:  # closing one must not keep the other open, nor hide the first error
+                print(f"bench_vs_hf: closing a worker failed: {e}", file=sys.stderr)
     result = {name: statistics.median(v) for name, v in tps.items()}
     result.update(ratio=result["raylm"] / result["hf"], windows=tps, isolation=isolation,
                   first_loss={name: w["first_loss"] for name, w in warm.items()},

@@ -90,8 +90,9 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = (1 
     zero them again: ~1 us a 4 KiB page, 1-10% of a small model's step on CPU (jobs/bench_vs_hf.py
     counts the faults per step). Blocks up to `mmap_threshold` now come from the heap, which is
     trimmed only when more than `trim_threshold` bytes are free at its top, so a process's memory
-    stays at its peak. Once per process; returns whether glibc took both settings (False
-    elsewhere: other C libraries, macOS, Windows)."""
+    stays at its peak. glibc 2.26 to 2.3x refuse an mmap threshold above 32 MiB; there it is 32
+    MiB. Once per process; returns whether glibc took both settings (False elsewhere: other C
+    libraries, macOS, Windows)."""
     global _freed_memory_kept
     if _freed_memory_kept:
         return True
@@ -106,6 +107,9 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = (1 
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _freed_memory_kept = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    int_max = (1 << 31) - 1  # mallopt takes a C int
+    trimmed = bool(mallopt(_M_TRIM_THRESHOLD, min(max(trim_threshold, 0), int_max)))
+    mapped = any(mallopt(_M_MMAP_THRESHOLD, min(max(value, 0), int_max))
+                 for value in (mmap_threshold, min(mmap_threshold, 32 << 20)))
+    _freed_memory_kept = trimmed and mapped
     return _freed_memory_kept

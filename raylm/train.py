@@ -1011,8 +1011,8 @@ def _explain_failure(err, cfg: TrainConfig) -> str:
         line = next((ln for ln in text.splitlines() if "non-finite" in ln), text)
         return line.split("FloatingPointError:")[-1].strip() + kept
     if "Address already in use" in text:
-        return ("a port raylm/Ray needs is already in use (another training run?). Stop it, or connect to the "
-                f"running Ray with RAY_ADDRESS=auto.{kept}")
+        return ("a port raylm/Ray needs is already in use (another Ray or training run?): stop it, or reuse it with "
+                f"RAY_ADDRESS=auto.{kept}")
     failures = f"after {cfg.max_failures} restart(s) " if cfg.max_failures else ""
     first = [ln for ln in text.splitlines() if ln.strip()][-1:] or [text]
     return (f"training failed {failures}(raise --max_failures to allow more restarts): {first[0].strip()}{kept}")

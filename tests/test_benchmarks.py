@@ -79,3 +79,19 @@ def test_bench_vs_hf_trains_the_same_model_in_both_processes(smoke_runs):
     row = next(line for line in output.splitlines() if line.startswith("smoke     eager"))
     ours, theirs = (float(x) for x in row.rsplit(None, 3)[1::2])
     assert ours == pytest.approx(theirs, abs=1e-4), row
+
+
+def test_bench_vs_hf_says_when_a_worker_process_dies(monkeypatch):
+    """A model's worker killed mid-benchmark (the out-of-memory killer, say) gives one clear error, and
+    closing it afterwards neither raises nor hangs."""
+    import signal
+
+    monkeypatch.syspath_prepend(str(JOBS))  # the spawned worker imports the script's module too
+    import bench_vs_hf
+
+    worker = bench_vs_hf._OwnProcess("smoke", "raylm", False, None)
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=r"worker process died \(exit code -9"):
+        worker("warm", 1)
+    worker.close()
+    assert not worker.proc.is_alive()

@@ -274,7 +274,9 @@ class TrainConfig:
     seed: int = opt(1234, "seed of the initial weights, data order and dropout")
     # --- system
     num_workers: int = opt(1, "training workers (one per GPU with --use_gpu)")
-    use_gpu: bool = opt(False, "train on GPUs (one per worker)")
+    use_gpu: bool | None = opt(None, "train on GPUs, one per worker: the bare flag or true; false keeps to CPU; "
+                               "unset: GPUs when there are any (this machine's with --launcher local, the Ray "
+                               "cluster's otherwise)")
     cpus_per_worker: int = opt(1, "CPU cores reserved per worker")
     mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag means auto (bf16 where supported, "
                                "else fp16 with loss scaling)", choices=PRECISIONS, flag_const="auto")

@@ -924,8 +924,8 @@ def _check_cluster_fits(cfg: TrainConfig) -> None:
             raise ConfigError("--use_gpu was given but the Ray cluster has no GPU. " + (
                 _no_cuda_message() if not torch.cuda.is_available() else
                 "Start Ray on the GPU machine (ray start --head --num-gpus N) or drop --use_gpu."))
-        raise ConfigError(f"--num_workers {cfg.num_workers} with --use_gpu needs {cfg.num_workers} GPUs; the cluster "
-                          f"has {have}: use --num_workers {have}")
+        raise ConfigError(f"--num_workers {cfg.num_workers} on GPUs needs {cfg.num_workers} GPUs; the cluster "
+                          f"has {have}: use --num_workers {have}, or --use_gpu false to train on CPU")
     need = cfg.num_workers * cfg.cpus_per_worker
     if total.get("CPU", 0) < need:
         raise ConfigError(f"{cfg.num_workers} workers x {cfg.cpus_per_worker} CPUs needs {need} CPUs; the Ray cluster "
@@ -938,7 +938,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not is_remote(cfg.save_dir):
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     if cfg.launcher == "local":
-        _say_unused_gpus(cfg, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        plan = _decide_device(plan, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         try:
             result_ckpt, metrics = _train_local(plan)
         except torch.cuda.OutOfMemoryError as e:  # the same advice as a Ray run's, with the sizes
@@ -949,9 +949,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         ensure_ray()
         import ray
 
-        _say_unused_gpus(cfg, int(ray.cluster_resources().get("GPU", 0)))
+        plan = _decide_device(plan, int(ray.cluster_resources().get("GPU", 0)))
         if not cfg.wait_for_workers:
-            _check_cluster_fits(cfg)
+            _check_cluster_fits(plan.cfg)
         trainer = build_trainer(plan)
         from ray.train import TrainingFailedError
 
@@ -968,19 +968,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(final_dir, result_ckpt, metrics)
 
 
-def unused_gpus_note(cfg: TrainConfig, gpus: int) -> str | None:
-    """What to say when GPUs are there and the run will not use them (CPU unless --use_gpu)."""
-    if cfg.use_gpu or gpus <= 0:
-        return None
-    where = "on this machine" if cfg.launcher == "local" else "in the Ray cluster"
-    return (f"raylm: training on CPU, although {gpus} GPU(s) are available {where}: add --use_gpu to train on "
-            f"{'it' if gpus == 1 else 'them'} (with --num_workers N for N GPUs)")
+def decide_use_gpu(cfg: TrainConfig, gpus: int) -> TrainConfig:
+    """The config with --use_gpu decided: as given, or (unset) GPUs when `gpus` (this machine's for
+    --launcher local, the Ray cluster's otherwise) is not zero. Says which it chose when unset."""
+    if cfg.use_gpu is not None:
+        return cfg
+    if gpus:
+        print(f"raylm: --use_gpu unset and {gpus} GPU(s) {'here' if cfg.launcher == 'local' else 'in the Ray cluster'}"
+              f": training on GPUs (--use_gpu false keeps to CPU)")
+    return dataclasses.replace(cfg, use_gpu=gpus > 0)
 
 
-def _say_unused_gpus(cfg: TrainConfig, gpus: int) -> None:
-    note = unused_gpus_note(cfg, gpus)
-    if note:
-        sys.stderr.write(note + "\n")
+def _decide_device(plan: RunPlan, gpus: int) -> RunPlan:
+    return dataclasses.replace(plan, cfg=decide_use_gpu(plan.cfg, gpus))
 
 
 def _train_local(plan: RunPlan) -> tuple[str | None, dict]:

@@ -353,7 +353,7 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raylm.runtime import ensure_ray
-    from raylm.train import TrainingError, plan_run
+    from raylm.train import TrainingError, decide_use_gpu, plan_run
 
     check_sweep(tcfg, cfg)
     plan_run(cfg)  # the data, the model and the batch settings, checked once for all trials
@@ -368,8 +368,10 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     if tcfg.resume:
         check_resume_settings(tcfg, cfg, saved)
     ensure_ray()
-    at_once = trials_at_once(tcfg, cfg)
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, base=shared_train_settings(cfg)),
+    # --use_gpu unset: GPUs when the cluster has any (cfg itself stays as given: the sweep's saved settings)
+    trial_cfg = decide_use_gpu(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    at_once = trials_at_once(tcfg, trial_cfg)
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, base=shared_train_settings(trial_cfg)),
                                         TRIAL_FUNCTION_RESOURCES)
     if tcfg.resume:
         tuner = ray_tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)

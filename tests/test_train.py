@@ -338,20 +338,24 @@ def test_profile_steps_stop_with_a_failed_run_and_say_when_a_run_is_too_short(pa
     assert not (tmp_path / "short" / "profile").exists()
 
 
-def test_a_run_that_leaves_gpus_unused_says_how_to_use_them(packed_data, tmp_path):
-    """The guide's GPU commands have no --use_gpu; raylm trains on CPU unless asked, so it says so
-    when GPUs are there (on this machine for --launcher local, in the Ray cluster otherwise)."""
-    import dataclasses
-
-    from raylm.train import unused_gpus_note
+def test_use_gpu_unset_means_gpus_when_there_are_any(packed_data, tmp_path, capsys):
+    """The guide's GPU commands have no --use_gpu: unset, raylm trains on the GPUs it finds (this
+    machine's for --launcher local, the Ray cluster's otherwise) and says so; given, it is obeyed."""
+    from raylm.train import decide_use_gpu
 
     local = cfg_for(packed_data, tmp_path, launcher="local")
-    assert unused_gpus_note(local, 0) is None
-    note = unused_gpus_note(local, 1)
-    assert "training on CPU" in note and "1 GPU(s) are available on this machine" in note and "add --use_gpu" in note
+    assert local.use_gpu is None
+    assert decide_use_gpu(local, 0).use_gpu is False and capsys.readouterr().out == ""
+    assert decide_use_gpu(local, 1).use_gpu is True
+    assert "--use_gpu unset and 1 GPU(s) here: training on GPUs (--use_gpu false keeps to CPU)" in capsys.readouterr().out
     on_ray = cfg_for(packed_data, tmp_path, launcher="ray")
-    assert "4 GPU(s) are available in the Ray cluster" in unused_gpus_note(on_ray, 4)
-    assert unused_gpus_note(dataclasses.replace(on_ray, use_gpu=True), 4) is None
+    assert decide_use_gpu(on_ray, 4).use_gpu is True and "4 GPU(s) in the Ray cluster" in capsys.readouterr().out
+    assert decide_use_gpu(cfg_for(packed_data, tmp_path, use_gpu=False), 4).use_gpu is False
+    assert decide_use_gpu(cfg_for(packed_data, tmp_path, use_gpu=True), 0).use_gpu is True  # refused later, with why
+    # on this CPU machine an unset --use_gpu trains on CPU, and the checkpoint records the decision
+    train(cfg_for(packed_data, tmp_path / "run", max_steps=2, launcher="local", save_interval=2))
+    assert "Device: cpu" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "final" / "state.json").read_text())["train_config"]["use_gpu"] is False
 
 
 def test_out_of_memory_under_the_local_launcher_names_a_micro_batch_that_may_fit(packed_data, tmp_path,

@@ -379,7 +379,9 @@ class EvalConfig:
     max_rows: int = opt(0, "evaluate at most this many rows (0 = all)")
     micro_batch_size: int = opt(8, "rows per forward pass")
     num_workers: int = opt(1, "Ray workers that evaluate shards of the rows in parallel (1 = in this process)")
-    use_gpu: bool = opt(False, "evaluate on GPU")
+    use_gpu: bool | None = opt(None, "evaluate on GPUs (one per worker): the bare flag or true; false: on CPU; "
+                               "unset: on GPUs when there are any (this machine's with --num_workers 1, the Ray "
+                               "cluster's otherwise)")
     json: bool = opt(False, "print the result as one JSON object (for scripts)")
 
     def __post_init__(self):

@@ -108,11 +108,26 @@ def _count_bytes(rows: PackedRows, tokenizer, overlap: int) -> int | None:
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
-    device = "cuda" if cfg.use_gpu else "cpu"
-    if cfg.use_gpu and not torch.cuda.is_available():
+    use_gpu = cfg.use_gpu
+    if cfg.num_workers > 1:
+        from raylm.runtime import ensure_ray
+
+        ensure_ray()
+    if cfg.num_workers == 1:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    else:
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+    if use_gpu is None:  # GPUs when there are any: this machine's, or the Ray cluster's for Ray workers
+        use_gpu = gpus > 0
+    if use_gpu and not gpus:  # Ray tasks asking for a GPU would wait for one forever
         from raylm.train import _no_cuda_message
 
-        raise ConfigError(_no_cuda_message())
+        raise ConfigError(_no_cuda_message() if cfg.num_workers == 1 else
+                          "--use_gpu was given but the Ray cluster has no GPU: start Ray on a GPU machine "
+                          "(ray start --head --num-gpus N), or drop --use_gpu")
+    device = "cuda" if use_gpu else "cpu"
     loaded = load_checkpoint(cfg.checkpoint, "cpu")
     data = loaded.state.get("data") or {}
     max_length = int(data.get("max_length") or loaded.model.config.max_seq_len)
@@ -150,10 +165,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     else:
         import ray
 
-        from raylm.runtime import ensure_ray
-
-        ensure_ray()
-        score = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(_score)
+        score = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
         rows_ref = ray.put(rows)
         shards = [s for s in np.array_split(indices, cfg.num_workers) if len(s)]
         parts = ray.get([score.remote(str(loaded.path), rows_ref, s, cfg.micro_batch_size, device) for s in shards])

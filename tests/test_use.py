@@ -64,6 +64,16 @@ def test_eval_on_ray_workers_equals_in_process(trained):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
+def test_eval_on_gpus_that_are_not_there_is_refused_not_left_waiting(trained):
+    """--use_gpu on Ray workers of a cluster without GPUs: refused at once (tasks that ask for a GPU
+    would wait for one forever); unset, the same run evaluates on CPU."""
+    from raylm.evaluate import evaluate_checkpoint
+
+    with pytest.raises(ConfigError, match="the Ray cluster has no GPU"):
+        evaluate_checkpoint(EvalConfig(checkpoint=trained["final"], max_rows=8, num_workers=2, use_gpu=True))
+    assert evaluate_checkpoint(EvalConfig(checkpoint=trained["final"], max_rows=8, num_workers=2))["tokens"] > 0
+
+
 def test_eval_raw_text_with_the_checkpoints_tokenizer(trained, tmp_path):
     from raylm.evaluate import evaluate_checkpoint
 

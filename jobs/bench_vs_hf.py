@@ -1,6 +1,6 @@
 """Training throughput on this machine's CPU: raylm's LLMModel against transformers' LlamaForCausalLM.
 
-    python jobs/bench_vs_hf.py                       # tiny and small-ish, eager and compiled: ~6-9 min, 2 cores
+    python jobs/bench_vs_hf.py                       # tiny and small-ish, eager and compiled: ~4-9 min, 2 cores
     python jobs/bench_vs_hf.py --sizes tiny --modes eager --windows 9
     python jobs/bench_vs_hf.py --smoke               # seconds; what the tests run
 

@@ -132,7 +132,6 @@ class _Trainer:
         model = ours if which == "raylm" else hf
         del ours, hf
         self.batches = _batches(size)
-        self.tokens = size["batch"] * size["seq"]
         self.step = make_step(model, which == "hf", compile_model)
 
     def warm(self, steps: int) -> dict:
@@ -228,12 +227,8 @@ class _OwnProcess:
 
 def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, windows: int, steps_per_window: int,
                  isolation: str = "process", threads: int | None = None) -> dict:
-    """Warm tokens/sec of raylm and HF on one size and mode, timing windows interleaved.
-
-    isolation "process": each model trains in a process of its own, as `raylm train` and a user's own
-    transformers script would; only one of them runs at a time. "shared": both in this process, where
-    one model's allocations change the other's (glibc returns freed large blocks to the kernel, and
-    the next step takes page faults to map them again)."""
+    """Warm tokens/sec of raylm and HF on one size and mode, timing windows interleaved; each model in
+    a process of its own, or both in this one (isolation, see the module's docstring)."""
     runner = _OwnProcess if isolation == "process" else _InProcess
     size = SIZES[size_name]
     runners = {}

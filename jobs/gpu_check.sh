@@ -43,8 +43,9 @@ fastest() {  # the --compile_mode of the fastest plain-process run so far
   python3 - "$WORK" <<'EOF'
 import json, sys
 from pathlib import Path
+from raylm.config import COMPILE_MODES
 best, tps = "default", 0.0
-for mode in ("default", "tune-kernels", "max-autotune"):
+for mode in COMPILE_MODES:
     f = Path(sys.argv[1]) / f"bench_{mode}.json"
     if f.exists():
         t = json.loads(f.read_text())["runs"]["local"]["tokens_per_sec"] or 0.0

@@ -108,25 +108,16 @@ def _count_bytes(rows: PackedRows, tokenizer, overlap: int) -> int | None:
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict:
-    use_gpu = cfg.use_gpu
-    if cfg.num_workers > 1:
-        from raylm.runtime import ensure_ray
+    from raylm.runtime import ensure_ray, gpu_count
+    from raylm.train import _no_cuda_message, no_cluster_gpu_message
 
+    on_ray = cfg.num_workers > 1
+    if on_ray:
         ensure_ray()
-    if cfg.num_workers == 1:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    else:
-        import ray
-
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-    if use_gpu is None:  # GPUs when there are any: this machine's, or the Ray cluster's for Ray workers
-        use_gpu = gpus > 0
-    if use_gpu and not gpus:  # Ray tasks asking for a GPU would wait for one forever
-        from raylm.train import _no_cuda_message
-
-        raise ConfigError(_no_cuda_message() if cfg.num_workers == 1 else
-                          "--use_gpu was given but the Ray cluster has no GPU: start Ray on a GPU machine "
-                          "(ray start --head --num-gpus N), or drop --use_gpu")
+    gpus = gpu_count(ray_cluster=on_ray)  # this machine's, or the Ray cluster's for Ray workers
+    use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu and not gpus:  # (Ray tasks asking for a GPU would wait for one forever)
+        raise ConfigError(no_cluster_gpu_message() if on_ray else _no_cuda_message())
     device = "cuda" if use_gpu else "cpu"
     loaded = load_checkpoint(cfg.checkpoint, "cpu")
     data = loaded.state.get("data") or {}

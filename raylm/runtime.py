@@ -73,6 +73,17 @@ def init_local_ray(**kwargs) -> None:
         ray.init(include_dashboard=False, **kwargs)
 
 
+def gpu_count(ray_cluster: bool) -> int:
+    """GPUs there are: the connected Ray cluster's (ray_cluster), or those this process's PyTorch sees."""
+    if ray_cluster:
+        import ray
+
+        return int(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

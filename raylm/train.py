@@ -914,6 +914,12 @@ def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str |
     )
 
 
+def no_cluster_gpu_message() -> str:
+    return "--use_gpu was given but the Ray cluster has no GPU. " + (
+        _no_cuda_message() if not torch.cuda.is_available() else
+        "Start Ray on the GPU machine (ray start --head --num-gpus N) or drop --use_gpu.")
+
+
 def _check_cluster_fits(cfg: TrainConfig) -> None:
     import ray
 
@@ -921,9 +927,7 @@ def _check_cluster_fits(cfg: TrainConfig) -> None:
     if cfg.use_gpu and total.get("GPU", 0) < cfg.num_workers:
         have = int(total.get("GPU", 0))
         if have == 0:
-            raise ConfigError("--use_gpu was given but the Ray cluster has no GPU. " + (
-                _no_cuda_message() if not torch.cuda.is_available() else
-                "Start Ray on the GPU machine (ray start --head --num-gpus N) or drop --use_gpu."))
+            raise ConfigError(no_cluster_gpu_message())
         raise ConfigError(f"--num_workers {cfg.num_workers} on GPUs needs {cfg.num_workers} GPUs; the cluster "
                           f"has {have}: use --num_workers {have}, or --use_gpu false to train on CPU")
     need = cfg.num_workers * cfg.cpus_per_worker
@@ -937,19 +941,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     plan = plan_run(cfg)
     if not is_remote(cfg.save_dir):
         Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    from raylm.runtime import ensure_ray, gpu_count
+
     if cfg.launcher == "local":
-        plan = _decide_device(plan, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        plan = _decide_device(plan, gpu_count(ray_cluster=False))
         try:
             result_ckpt, metrics = _train_local(plan)
         except torch.cuda.OutOfMemoryError as e:  # the same advice as a Ray run's, with the sizes
             raise TrainingError(_explain_failure(e, cfg)) from None
     else:
-        from raylm.runtime import ensure_ray
-
         ensure_ray()
-        import ray
-
-        plan = _decide_device(plan, int(ray.cluster_resources().get("GPU", 0)))
+        plan = _decide_device(plan, gpu_count(ray_cluster=True))
         if not cfg.wait_for_workers:
             _check_cluster_fits(plan.cfg)
         trainer = build_trainer(plan)

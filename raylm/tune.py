@@ -352,7 +352,7 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     plot and the best configuration into save_dir."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raylm.runtime import ensure_ray
+    from raylm.runtime import ensure_ray, gpu_count
     from raylm.train import TrainingError, decide_use_gpu, plan_run
 
     check_sweep(tcfg, cfg)
@@ -369,7 +369,7 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
         check_resume_settings(tcfg, cfg, saved)
     ensure_ray()
     # --use_gpu unset: GPUs when the cluster has any (cfg itself stays as given: the sweep's saved settings)
-    trial_cfg = decide_use_gpu(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    trial_cfg = decide_use_gpu(cfg, gpu_count(ray_cluster=True))
     at_once = trials_at_once(tcfg, trial_cfg)
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, base=shared_train_settings(trial_cfg)),
                                         TRIAL_FUNCTION_RESOURCES)

@@ -271,6 +271,16 @@ def test_keep_freed_memory_stops_a_step_from_page_faulting_its_memory_back(tmp_p
     assert kept == "True" and share < 0.2  # at most one step in eight faulting its block in
 
 
+def test_cpu_training_keeps_the_memory_its_steps_free(packed_data, tmp_path, monkeypatch):
+    """The setting above is what a CPU run asks for, before its first step."""
+    import raylm.runtime
+
+    calls = []
+    monkeypatch.setattr(raylm.runtime, "keep_freed_memory", lambda: calls.append("kept") or True)
+    train(cfg_for(packed_data, tmp_path, max_steps=1, launcher="local", save_interval=0))
+    assert calls == ["kept"]
+
+
 def test_profile_steps_writes_where_the_time_went_and_keeps_it_out_of_throughput(packed_data, tmp_path):
     """--profile_steps N: the last N steps run under torch.profiler (never the warm-up ones); the
     table lands in save_dir/profile, and the profiled log window is not counted as throughput."""

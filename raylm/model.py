@@ -163,12 +163,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------- hand-written backward passes
 # Autograd's backward of RMSNorm, of the rotary embedding and of silu(gate) * up reads and writes the
 # activations several times more than it must (RMSNorm's is decomposed into pow/mean/mul; rotate_half's
-# `cat` and the fused gate|up projection's `chunk` each cost a concatenation in the backward). Memory
-# passes are what these ops cost on a CPU, so there raylm runs them as the functions below (small-ish
-# model, 2 cores: RMSNorm 4.9 -> 2.8 ms forward and backward, the rotary embedding 5.3 -> 3.0 ms, per
-# call). Compiled code keeps the plain ops (inductor fuses them itself), and so do GPUs, where
-# raylm's figures were measured with the plain ops, and 16-bit runs. Same values; RMSNorm saves 4
-# bytes per hidden unit less for the backward (raylm/plan.py counts it).
+# `cat`, the split of the fused projections' outputs into q, k, v and into gate, up each cost a
+# concatenation in the backward). Memory passes are what these ops cost on a CPU, so there raylm runs
+# them as the functions below (small-ish model, 2 cores, freed memory kept as `raylm train` keeps it;
+# forward and backward per call: RMSNorm 3.0 -> 1.7 ms, the rotary embedding with the q, k, v split
+# 4.1 -> 2.7 ms). Compiled code keeps the plain ops (inductor fuses them itself), and so do GPUs, where
+# raylm's figures were measured with the plain ops, and 16-bit runs. Same values; RMSNorm saves 4 bytes
+# per hidden unit less for the backward (raylm/plan.py counts it).
 
 
 def hand_written_backward(x: torch.Tensor) -> bool:
@@ -179,11 +180,14 @@ def hand_written_backward(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """(x1, x2) -> (x1 cos - sign x2 sin, x2 cos + sign x1 sin) on the halves of the last dim, into a
-    new contiguous tensor: the rotary rotation (sign 1) or its inverse, which is its backward (-1)."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - sign x2 sin, x2 cos + sign x1 sin) on the halves of the last dim, into
+    `out` or a new contiguous tensor: the rotary rotation (sign 1) or its inverse, which is its
+    backward (-1)."""
     x1, x2 = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     o1, o2 = out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
@@ -204,12 +208,40 @@ class _Rotary(torch.autograd.Function):
         return _rotate(grad, cos, sin, -1.0), None, None
 
 
+class _RotaryQKV(torch.autograd.Function):
+    """The fused projection's output qkv (B, T, n_q + 2 n_kv, head_dim) -> q and k rotated (two views of
+    one new tensor) and v (a view of qkv), with cos, sin (T, 1, head_dim / 2). The backward writes the
+    three gradients straight into one tensor shaped like qkv, where autograd would concatenate twice
+    (q's with k's, then those with v's)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.n_q, ctx.n_kv = n_q, n_kv
+        q, k = _rotate(qkv[:, :, :n_q + n_kv], cos, sin, 1.0).split((n_q, n_kv), dim=2)
+        return q, k, qkv[:, :, n_q + n_kv:]
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None):
+        cos, sin = ctx.saved_tensors
+        n_q, n_kv = ctx.n_q, ctx.n_kv
+        like = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        B, T, _, head_dim = like.shape
+        grad = torch.empty(B, T, n_q + 2 * n_kv, head_dim, dtype=like.dtype, device=like.device)
+        into_q, into_k, into_v = grad.split((n_q, n_kv, n_kv), dim=2)
+        for g, into in ((grad_q, into_q), (grad_k, into_k)):
+            _rotate(g, cos, sin, -1.0, out=into) if g is not None else into.zero_()
+        into_v.copy_(grad_v) if grad_v is not None else into_v.zero_()
+        return grad, None, None, None, None
+
+
 class _RMSNorm(torch.autograd.Function):
     """weight * (x / rms(x)) of an fp32 x (hand_written_backward sends only those here)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = (torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1] + eps).rsqrt()
+        # one pass for the sum of squares (a norm reads x once; x * x then sum would write and read a copy)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         normed = x * rstd
         ctx.save_for_backward(normed, weight, rstd)
         return weight * normed
@@ -217,13 +249,13 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         normed, weight, rstd = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).sum(dim=tuple(range(grad.dim() - 1))).to(weight.dtype)
-        grad_normed = grad * weight
-        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
-        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(-normed.shape[-1])
-        return torch.addcmul(grad_normed, normed, dot).mul_(rstd), grad_weight, None
+        hidden = normed.shape[-1]
+        # d/dx of weight * x * rstd(x): rstd * (g w - normed * mean(g w normed)), and the mean's sum is
+        # (g * normed) @ w: one product serves both it and the weight's gradient, sum(g * normed)
+        product = (grad * normed).reshape(-1, hidden)
+        grad_weight = product.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dot = (product @ weight.to(product.dtype)).view(rstd.shape).div_(-hidden)
+        return torch.addcmul(grad * weight, normed, dot).mul_(rstd), grad_weight, None
 
 
 class _SiluMul(torch.autograd.Function):
@@ -373,9 +405,14 @@ class GroupedQueryAttention(nn.Module):
         keys/values are written into it at [start_pos, start_pos + T) and all cached ones attended."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
-        # q and k heads are rotated together: one set of elementwise ops instead of two
-        q, k = apply_rotary(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=2)  # (B, T, n, hd)
+        if hand_written_backward(qkv):  # (B, T, n, hd) each
+            half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout)
+            q, k, v = _RotaryQKV.apply(qkv, cos[:, None, :half], sin[:, None, :half], self.num_heads,
+                                       self.num_kv_heads)
+        else:
+            qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
+            # q and k heads are rotated together: one set of elementwise ops instead of two
+            q, k = apply_rotary(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
         mask, is_causal = None, True
@@ -497,9 +534,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             sums = exps.sum(dim=-1)
             loss += ((sums.log() - picked) * valid).sum()
             if with_grad:
-                probs = exps.div_(sums[:, None])  # softmax
-                probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-                probs.mul_(valid[:, None])  # fp32
+                probs = exps.mul_((valid / sums)[:, None])  # softmax, and rows that add nothing zeroed
+                probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))  # minus one-hot (fp32)
                 low = probs.to(hidden.dtype)
                 grad_hidden[start:start + chunk] = low @ weight
                 if compute_dtype == torch.bfloat16:  # the product in bf16 (as autocast does), summed in fp32

@@ -412,18 +412,18 @@ def _forward_backward(model, x):
 
 
 def test_hand_written_backward_passes_give_autograds_values(monkeypatch):
-    """RMSNorm, the rotary embedding and silu(gate) * up, forward and backward through a whole fp32
-    model: the same logits and gradients as the plain ops."""
+    """RMSNorm, the rotary embedding of q and k (with the split into q, k and v) and silu(gate) * up,
+    forward and backward through a whole fp32 model: the same logits and gradients as the plain ops."""
     import raylm.model as model_module
 
     model = tiny_model(tie_embeddings=False).train()
     x = random_tokens(3, 40)
     calls = []
-    for fn in (model_module._RMSNorm, model_module._Rotary, model_module._SiluMul):
+    for fn in (model_module._RMSNorm, model_module._RotaryQKV, model_module._SiluMul):
         monkeypatch.setattr(fn, "apply", (lambda apply, name: lambda *a: calls.append(name) or apply(*a))(
             fn.apply, fn.__name__))
     logits, grads = _forward_backward(model, x)
-    assert sorted(set(calls)) == ["_RMSNorm", "_Rotary", "_SiluMul"]  # the hand-written ones did run
+    assert sorted(set(calls)) == ["_RMSNorm", "_RotaryQKV", "_SiluMul"]  # the hand-written ones did run
     _plain(monkeypatch)
     plain_logits, plain_grads = _forward_backward(model, x)
     torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-5)
@@ -476,6 +476,28 @@ def test_hand_written_rms_norm_and_rotation_match_their_definitions():
     torch.testing.assert_close(rotated, plain)
     g = torch.randn(2, 5, 10, 16).transpose(1, 2)
     torch.testing.assert_close(torch.autograd.grad(rotated, q, g)[0], torch.autograd.grad(plain, q, g)[0])
+
+
+def test_hand_written_qkv_split_and_rotation_match_the_plain_ops():
+    """_RotaryQKV: q and k rotated, v passed through, and one gradient for qkv, also when only some of
+    the three outputs are used (autograd then passes None for the others)."""
+    from raylm.model import RotaryEmbedding, _RotaryQKV, apply_rotary
+
+    torch.manual_seed(0)
+    n_q, n_kv, head_dim = 4, 2, 16
+    cos, sin = RotaryEmbedding(head_dim, 32, 10000.0)(0, 10)
+    qkv = torch.randn(3, 10, n_q + 2 * n_kv, head_dim, requires_grad=True)
+    q, k, v = _RotaryQKV.apply(qkv, cos[:, None, :8], sin[:, None, :8], n_q, n_kv)
+    plain_q, plain_k = apply_rotary(qkv[:, :, :n_q + n_kv], cos, sin).split((n_q, n_kv), dim=2)
+    plain_v = qkv[:, :, n_q + n_kv:]
+    for ours, plain in ((q, plain_q), (k, plain_k), (v, plain_v)):
+        torch.testing.assert_close(ours, plain)
+    grads = [torch.randn(3, t.shape[2], 10, head_dim).transpose(1, 2) for t in (q, k, v)]  # strided, as SDPA's
+    for used in ((0, 1, 2), (0,), (2,), (1, 2)):
+        ours = torch.autograd.grad([(q, k, v)[i] for i in used], qkv, [grads[i] for i in used], retain_graph=True)
+        plain = torch.autograd.grad([(plain_q, plain_k, plain_v)[i] for i in used], qkv, [grads[i] for i in used],
+                                    retain_graph=True)
+        torch.testing.assert_close(ours[0], plain[0], msg=lambda m: f"outputs {used}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -290,7 +290,7 @@ class TrainConfig:
                         choices=STRATEGIES)
     activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward "
                                          "pass: far less activation memory for about a third more compute")
-    loss_chunking: str = opt("auto", "compute the loss in chunks (256 tokens on CPU, ~512 MB of logits on GPUs) "
+    loss_chunking: str = opt("auto", "compute the loss in chunks (512 tokens on CPU, ~512 MB of logits on GPUs) "
                              "without ever holding the (tokens x vocabulary) logits: same loss and gradients, less "
                              "memory, and faster on CPU and GPU as measured. auto = on; off: from full logits",
                              choices=LOSS_CHUNKING)

@@ -138,15 +138,20 @@ def search_space(tcfg: TuneConfig, cfg: TrainConfig) -> dict:
     return {"learning_rate": ray_tune.loguniform(tcfg.lr_min, tcfg.lr_max), "warmup_steps": warmup}
 
 
-def check_resume_settings(tcfg: TuneConfig, cfg: TrainConfig, saved_path: Path) -> None:
-    """--resume continues the sweep as it was started: refuse settings that differ from the saved ones."""
+def check_resume_settings(tcfg: TuneConfig, cfg: TrainConfig, saved_path: Path) -> TrainConfig:
+    """--resume continues the sweep as it was started: refuse settings that differ from the saved ones.
+    Returns cfg, with the saved --use_gpu where it is left unset now (it has no default of its own to
+    differ by: a sweep started with --use_gpu false resumes on CPU, as it began, with or without the flag)."""
     saved = load_yaml(saved_path)
+    if cfg.use_gpu is None and saved.get("use_gpu") is not None:
+        cfg = dataclasses.replace(cfg, use_gpu=saved["use_gpu"])
     now = sweep_settings(tcfg, cfg)
     changed = [f"{k} (saved {saved.get(k)!r}, now {v!r})" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise ConfigError(f"--resume continues the sweep with its saved settings, but these differ: "
                           f"{'; '.join(changed)}. Continue it as it was with: raylm tune --config {saved_path} "
                           "--resume")
+    return cfg
 
 
 def trial_dir_name(trial) -> str:
@@ -366,7 +371,7 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
         raise ConfigError(f"{sweep_dir} already holds a sweep: add --resume to continue it, or choose another "
                           "--save_dir")
     if tcfg.resume:
-        check_resume_settings(tcfg, cfg, saved)
+        cfg = check_resume_settings(tcfg, cfg, saved)
     ensure_ray()
     # --use_gpu unset: GPUs when the cluster has any (cfg itself stays as given: the sweep's saved settings)
     trial_cfg = decide_use_gpu(cfg, gpu_count(ray_cluster=True))

@@ -15,7 +15,8 @@ from raylm import checkpoint as ckpt
 from raylm.cli import main as raylm_main
 from raylm.config import ConfigError, TrainConfig, TuneConfig, build_config, dump_yaml
 from raylm.metrics import read_jsonl
-from raylm.tune import SuccessiveHalving, build_tune_configs, check_sweep, trial_config, tune
+from raylm.tune import (SuccessiveHalving, build_tune_configs, check_resume_settings, check_sweep,
+                        sweep_settings, trial_config, tune)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, log_interval=1, eval_steps=0, batch_size=8)
@@ -69,6 +70,21 @@ def test_one_yaml_holds_search_and_training_settings(tmp_path):
     dump_yaml({"lr_maxx": 1}, path)
     with pytest.raises(ConfigError, match="Did you mean"):
         build_tune_configs(path)
+
+
+def test_resume_keeps_the_saved_use_gpu_when_the_flag_is_left_unset(tmp_path):
+    """A sweep started with --use_gpu false (or true) resumes as it began when --resume omits the flag;
+    a flag that says otherwise is refused, with the command that continues the sweep as saved."""
+    saved = tmp_path / "sweep_config.yaml"
+    dump_yaml(sweep_settings(*configs(tmp_path / "data", tmp_path / "sweep", use_gpu=False)), saved)
+    tcfg, unset = configs(tmp_path / "data", tmp_path / "sweep")
+    assert unset.use_gpu is None
+    assert check_resume_settings(tcfg, unset, saved).use_gpu is False
+    _, gpu = configs(tmp_path / "data", tmp_path / "sweep", use_gpu=True)
+    with pytest.raises(ConfigError, match=rf"use_gpu \(saved False, now True\).*raylm tune --config {saved} --resume"):
+        check_resume_settings(tcfg, gpu, saved)
+    dump_yaml(sweep_settings(tcfg, unset), saved)  # started with the flag unset: resumes unset (decided on Ray)
+    assert check_resume_settings(tcfg, unset, saved).use_gpu is None
 
 
 def test_trial_config_keeps_the_decay_ratio():

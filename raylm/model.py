@@ -218,6 +218,7 @@ class _RotaryQKV(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int):
         ctx.save_for_backward(cos, sin)
         ctx.n_q, ctx.n_kv = n_q, n_kv
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros to rotate
         q, k = _rotate(qkv[:, :, :n_q + n_kv], cos, sin, 1.0).split((n_q, n_kv), dim=2)
         return q, k, qkv[:, :, n_q + n_kv:]
 
@@ -407,8 +408,8 @@ class GroupedQueryAttention(nn.Module):
         qkv = self.qkv_proj(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         if hand_written_backward(qkv):  # (B, T, n, hd) each
             half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout)
-            q, k, v = _RotaryQKV.apply(qkv, cos[:, None, :half], sin[:, None, :half], self.num_heads,
-                                       self.num_kv_heads)
+            cos, sin = cos[:, None, :half].to(qkv.dtype), sin[:, None, :half].to(qkv.dtype)  # q, k stay fp32
+            q, k, v = _RotaryQKV.apply(qkv, cos, sin, self.num_heads, self.num_kv_heads)
         else:
             qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
             # q and k heads are rotated together: one set of elementwise ops instead of two

@@ -2,6 +2,7 @@
 
     python jobs/bench_vs_hf.py                       # tiny and small-ish, eager and compiled: ~4-9 min, 2 cores
     python jobs/bench_vs_hf.py --sizes tiny --modes eager --windows 9
+    python jobs/bench_vs_hf.py --sizes small-ish --modes eager --profile_steps 3   # and where the time goes
     python jobs/bench_vs_hf.py --smoke               # seconds; what the tests run
 
 Both models get the same shapes (raylm.export.config_to_hf turns the raylm config into the
@@ -151,6 +152,18 @@ class _Trainer:
         float(loss.detach())  # the window ends when its last step has finished
         return time.perf_counter() - t, time.process_time() - cpu, _minor_faults() - faults
 
+    def profile(self, steps: int) -> list[str]:
+        """Where `steps` more steps spend their time (torch.profiler): raylm.profiling's summary lines."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from raylm.profiling import summarize
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(steps):
+                loss = self.step(self.batches[i % len(self.batches)])
+            float(loss.detach())
+        return summarize(prof, torch.device("cpu"), steps)
+
 
 def _serve(conn, size_name: str, which: str, compile_model: bool, threads: int | None) -> None:
     """A worker process's loop: builds one model, then runs what the parent asks, one request at a time."""
@@ -226,9 +239,10 @@ class _OwnProcess:
 
 
 def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, windows: int, steps_per_window: int,
-                 isolation: str = "process", threads: int | None = None) -> dict:
+                 isolation: str = "process", threads: int | None = None, profile_steps: int = 0) -> dict:
     """Warm tokens/sec of raylm and HF on one size and mode, timing windows interleaved; each model in
-    a process of its own, or both in this one (isolation, see the module's docstring)."""
+    a process of its own, or both in this one (isolation, see the module's docstring). profile_steps > 0:
+    then that many steps of each model under torch.profiler, after the timed windows (result["profile"])."""
     runner = _OwnProcess if isolation == "process" else _InProcess
     size = SIZES[size_name]
     runners = {}
@@ -246,6 +260,7 @@ def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, wind
                 tps[name].append(tokens / wall)
                 cpu_tps[name].append(tokens / cpu)
                 faults[name].append(flt / steps_per_window)
+        profiles = {name: run("profile", profile_steps) for name, run in runners.items()} if profile_steps else {}
     finally:
         for run in runners.values():
             try:
@@ -257,7 +272,7 @@ def measure_pair(size_name: str, compile_model: bool, *, warmup_steps: int, wind
                   first_loss={name: w["first_loss"] for name, w in warm.items()},
                   warmup_s={name: w["warmup_s"] for name, w in warm.items()}, params=warm["raylm"]["params"],
                   cpu={name: statistics.median(v) for name, v in cpu_tps.items()},
-                  page_faults_per_step={name: statistics.median(v) for name, v in faults.items()})
+                  page_faults_per_step={name: statistics.median(v) for name, v in faults.items()}, profile=profiles)
     result["cpu_ratio"] = result["cpu"]["raylm"] / result["cpu"]["hf"]
     result["paired_ratio"] = statistics.median(a / b for a, b in zip(tps["raylm"], tps["hf"]))  # adjacent windows
     result["best_ratio"] = max(tps["raylm"]) / max(tps["hf"])
@@ -276,11 +291,15 @@ def main(argv: list[str] | None = None) -> dict:
                    help="process: each model trains in a process of its own, as raylm and a user's own script would "
                         "(only one runs at a time); shared: both in this one process, where each one's allocations "
                         "change the other's page faults")
+    p.add_argument("--profile_steps", type=int, default=0,
+                   help="after the timed windows, profile this many more steps of each model (torch.profiler) and "
+                        "print where their time goes: matrix multiplications, attention, optimizer, the rest")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run with a toy model")
     args = p.parse_args(argv)
     if args.smoke:
         args.sizes, args.modes, args.windows, args.steps_per_window, args.warmup_steps = ["smoke"], ["eager"], 2, 1, 1
+        args.profile_steps = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
@@ -293,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     for size_name in args.sizes:
         for mode in args.modes:
             r = measure_pair(size_name, mode == "compiled", warmup_steps=args.warmup_steps, windows=args.windows,
-                             steps_per_window=args.steps_per_window, isolation=args.isolation, threads=args.threads)
+                             steps_per_window=args.steps_per_window, isolation=args.isolation, threads=args.threads,
+                             profile_steps=args.profile_steps)
             r.update(size=size_name, mode=mode)
             results["runs"].append(r)
             print(f"  {size_name:9s} {mode:8s} raylm {r['raylm']:>9,.0f}  hf {r['hf']:>9,.0f} tokens/s  "
@@ -321,6 +341,10 @@ def main(argv: list[str] | None = None) -> dict:
           "each model's process. On a machine other work shares, the last three move less than the first. "
           "faults/step: minor page faults per step, raylm/HF (fresh memory the kernel maps and zeroes: large "
           "tensors freed and allocated again each step).")
+    for r in results["runs"]:
+        for name, lines in r["profile"].items():
+            print(f"{r['size']} {r['mode']}, {'raylm' if name == 'raylm' else 'transformers'}: " + lines[0])
+            print("\n".join(lines[1:]))
     met = {name: all(r[key] >= 1.1 for r in results["runs"]) for name, key in (("median", "ratio"),
                                                                               ("paired", "paired_ratio"))}
     print("target raylm >= 1.1x HF in every pairing: "

@@ -84,6 +84,20 @@ def gpu_count(ray_cluster: bool) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cpu_has_bf16_matmul_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX: Xeon 4th generation and later),
+    where `--mixed_precision bf16` trains several times faster than fp32 (jobs/bench_vs_hf.py
+    --precisions fp32 bf16). Read from the kernel's CPU flags; False where there are none (macOS, Windows)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -76,6 +76,12 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
+# What `--mixed_precision bf16` gained over fp32 on a CPU with AMX (jobs/bench_vs_hf.py --precisions fp32 bf16,
+# 2 cores of a Xeon with AMX, tiny and small-ish, eager 1.67x and 2.11x, compiled 2.11x and 2.45x; README's
+# performance table): said in the banner of fp32 runs on such CPUs.
+AMX_BF16_SPEEDUP = "trained 1.7-2.5x faster than fp32 on such a CPU (jobs/bench_vs_hf.py)"
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
     """'off' | 'bf16' | 'fp16'. auto: bf16 on CPU and on GPUs that support it, else fp16."""
     if requested != "auto":
@@ -675,6 +681,12 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}"
         f" | Compile: {cfg.compile_model}{' (' + cfg.compile_mode + ')' if cfg.compile_model else ''}"
         + (f" | Attention kernel: {cfg.attention_backend}" if device.type == "cuda" else ""))
+    if device.type == "cpu" and precision == "off":
+        from raylm.runtime import cpu_has_bf16_matmul_units
+
+        if cpu_has_bf16_matmul_units():
+            say(f"Tip: this CPU multiplies bf16 matrices in hardware (Intel AMX): --mixed_precision bf16 "
+                f"{AMX_BF16_SPEEDUP}, with bf16 rounding inside the matrix products")
     say(f"Training rows: {len(train_rows):,} | Validation rows: {len(val_rows):,}")
     if state:
         say(f"Resumed from {resume_from} at step {start_step} (epoch {cursor.epoch}, row {cursor.position})")

@@ -23,10 +23,11 @@ EXPECTED = {
     "bench_train.py": ["bench_train: CPU", "measured matmul peak:", "local :", "ray   :", "Ray Train / plain process:",
                        "data wait p95"],
     "bench_vs_hf.py": ["bench_vs_hf: CPU", "HF attn_implementation=sdpa", "each model in a process of its own",
-                       "raylm/HF paired   best per CPU-s   faults/step", "smoke     eager",
-                       "target raylm >= 1.1x HF in every pairing:",
-                       "smoke eager, raylm: Profile of 1 step(s): CPU operator self time",
-                       "smoke eager, transformers: Profile of 1 step(s)", "  matmul  "],
+                       "raylm/HF paired   best per CPU-s   faults/step", "smoke     eager    fp32 ",
+                       "smoke     eager    bf16 ", "bf16 / fp32 tokens/s, smoke eager: raylm ",
+                       "target raylm >= 1.1x HF in every fp32 pairing:",
+                       "smoke eager fp32, raylm: Profile of 1 step(s): CPU operator self time",
+                       "smoke eager bf16, transformers: Profile of 1 step(s)", "  matmul  "],
     "bench_prepare.py": ["raylm prepare, bpe vocab 400", "ceiling", "peak PSS MB"],
     "bench_prepare_scaling.py": ["raylm prepare scaling:", "ceiling MB/s", "scaling bpe 1 -> 2 workers:",
                                  "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],
@@ -78,7 +79,7 @@ def test_bench_vs_hf_trains_the_same_model_in_both_processes(smoke_runs):
     losses (printed at the end of the smoke row) must agree, or the two are not the same model."""
     code, output = smoke_runs["bench_vs_hf.py"]
     assert code == 0, output[-4000:]
-    row = next(line for line in output.splitlines() if line.startswith("smoke     eager"))
+    row = next(line for line in output.splitlines() if line.startswith("smoke     eager    fp32"))
     ours, theirs = (float(x) for x in row.rsplit(None, 3)[1::2])
     assert ours == pytest.approx(theirs, abs=1e-4), row
 

@@ -107,6 +107,32 @@ def test_bf16_autocast_on_cpu_trains(packed_data, tmp_path):
     assert all(math.isfinite(x) for x in ls) and ls[-1] < ls[0] - 0.5
 
 
+def test_fp32_runs_on_a_cpu_with_bf16_matrix_units_suggest_bf16(packed_data, tmp_path, capsys, monkeypatch):
+    """On a CPU with Intel AMX, bf16 trains several times faster than fp32: an fp32 run's banner says so."""
+    import raylm.runtime as runtime
+
+    tip = "Tip: this CPU multiplies bf16 matrices in hardware (Intel AMX): --mixed_precision bf16 trained"
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul_units", lambda: True)
+    train(cfg_for(packed_data, tmp_path / "fp32", max_steps=2, launcher="local"))
+    assert tip in capsys.readouterr().out
+    train(cfg_for(packed_data, tmp_path / "bf16", max_steps=2, launcher="local", mixed_precision="bf16"))
+    assert "Tip:" not in capsys.readouterr().out
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matmul_units", lambda: False)
+    train(cfg_for(packed_data, tmp_path / "plain", max_steps=2, launcher="local"))
+    assert "Tip:" not in capsys.readouterr().out
+
+
+def test_bf16_matrix_units_are_read_from_the_cpu_flags(tmp_path):
+    from raylm.runtime import cpu_has_bf16_matmul_units
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    assert cpu_has_bf16_matmul_units(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")  # bf16 dot products, no AMX
+    assert not cpu_has_bf16_matmul_units(str(info))
+    assert not cpu_has_bf16_matmul_units(str(tmp_path / "missing"))  # no /proc (macOS, Windows)
+
+
 @pytest.mark.slow
 def test_compile_on_cpu_trains_and_matches_eager(packed_data, tmp_path, capsys):
     """--compile_model (and --compile_mode tune-kernels, whose search only changes GPU kernels) trains

@@ -10,7 +10,7 @@ LlamaConfig: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddin
 eps), the same weights (raylm's, mapped with raylm.export.state_dict_to_hf), the same random
 tokens, batch and sequence length, and the same plain loop: forward with labels=input_ids (each
 model shifts the labels itself and computes the loss in fp32), backward, clip_grad_norm_(1.0),
-AdamW.step(), zero_grad(set_to_none=True). fp32, no autocast, dropout 0 (--precision bf16: both
+AdamW.step(), zero_grad(set_to_none=True). fp32, no autocast, dropout 0 (--precisions bf16: both
 forward passes under CPU autocast to bf16, as `raylm train --mixed_precision bf16` runs; on CPUs with
 Intel AMX its matrix products run in hardware, several times faster than fp32). raylm's side runs as
 `raylm train` does on CPU: its loss computed in chunks without materialising the logits
@@ -339,12 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; each model in "
           f"{'a process of its own' if args.isolation == 'process' else 'this one process'}; load average "
           f"{load_before:.1f} before, {results['load_average'][1]:.1f} after")
-    print(f"{'size':9s} {'mode':8s} {'prec':5s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} {'HF tok/s':>10s} "
-          f"{'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s} {'faults/step':>13s}  first loss raylm / HF")
+    print(f"{'size':9s} {'mode':8s} {'prec':5s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} "
+          f"{'HF tok/s':>10s} {'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s} {'faults/step':>13s}  first loss raylm / HF")
     for r in results["runs"]:
         size = SIZES[r["size"]]
-        print(f"{r['size']:9s} {r['mode']:8s} {r['precision']:5s} {r['params'] / 1e6:7.1f}M {size['batch'] * size['seq']:>11,} "
-              f"{r['raylm']:>12,.0f} {r['hf']:>10,.0f} {r['ratio']:>8.3f} {r['paired_ratio']:>6.3f} "
+        print(f"{r['size']:9s} {r['mode']:8s} {r['precision']:5s} {r['params'] / 1e6:7.1f}M "
+              f"{size['batch'] * size['seq']:>11,} {r['raylm']:>12,.0f} {r['hf']:>10,.0f} {r['ratio']:>8.3f} {r['paired_ratio']:>6.3f} "
               f"{r['best_ratio']:>6.3f} {r['cpu_ratio']:>9.3f} "
               f"{r['page_faults_per_step']['raylm']:>6,.0f}/{r['page_faults_per_step']['hf']:<6,.0f}  "
               f"{r['first_loss']['raylm']:.4f} / {r['first_loss']['hf']:.4f}")

@@ -151,11 +151,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, n_heads, head_dim) by positions' angles cos, sin (T, head_dim), in fp32."""
+    """Rotate x (B, T, n_heads, head_dim) by positions' angles cos, sin (T, head_dim), in fp32, with
+    autograd's ops (fp32 eager CPU attention rotates with _RotaryQKV instead)."""
     x32 = x.float()
-    if hand_written_backward(x):
-        half = x.shape[-1] // 2  # the tables repeat their first half (rotate_half layout)
-        return _Rotary.apply(x32, cos[:, None, :half], sin[:, None, :half]).type_as(x)
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim): broadcast over heads
     return (x32 * cos + rotate_half(x32) * sin).type_as(x)
 
@@ -192,20 +190,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float,
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
     return out
-
-
-class _Rotary(torch.autograd.Function):
-    """The rotary embedding of x (..., T, n, head_dim) with cos, sin (T, 1, head_dim / 2)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
 
 
 class _RotaryQKV(torch.autograd.Function):

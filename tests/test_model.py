@@ -446,7 +446,7 @@ def test_hand_written_rms_norm_and_rotation_match_their_definitions():
     """Against the formulas themselves, on strided inputs and gradients; the rotation's backward is the
     inverse rotation. (A bf16 input takes the plain ops: RMSNorm returns fp32 with an fp32 weight, and
     rounds the normalised value to bf16 first.)"""
-    from raylm.model import RMSNorm, RotaryEmbedding, apply_rotary, rotate_half
+    from raylm.model import RMSNorm, RotaryEmbedding, _RotaryQKV, rotate_half
 
     torch.manual_seed(0)
     norm = RMSNorm(48, 1e-5)
@@ -470,12 +470,13 @@ def test_hand_written_rms_norm_and_rotation_match_their_definitions():
 
     rope = RotaryEmbedding(16, 32, 10000.0)
     cos, sin = rope(3, 10)
-    q = torch.randn(2, 10, 5, 16).requires_grad_()
-    rotated = apply_rotary(q, cos, sin)
-    plain = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    qkv = torch.randn(2, 10, 5, 16).requires_grad_()  # 3 query heads, 1 key head, 1 value head
+    q, k, _ = _RotaryQKV.apply(qkv, cos[:, None, :8], sin[:, None, :8], 3, 1)
+    rotated = torch.cat((q, k), dim=2)
+    plain = qkv[:, :, :4] * cos[:, None] + rotate_half(qkv[:, :, :4]) * sin[:, None]
     torch.testing.assert_close(rotated, plain)
-    g = torch.randn(2, 5, 10, 16).transpose(1, 2)
-    torch.testing.assert_close(torch.autograd.grad(rotated, q, g)[0], torch.autograd.grad(plain, q, g)[0])
+    g = torch.randn(2, 4, 10, 16).transpose(1, 2)
+    torch.testing.assert_close(torch.autograd.grad(rotated, qkv, g)[0], torch.autograd.grad(plain, qkv, g)[0])
 
 
 def test_hand_written_qkv_split_and_rotation_match_the_plain_ops():

@@ -58,14 +58,17 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      12h (fp32), 10h (autocast: fp32 residual, 16-bit copy for the matmul),
                      8h (fsdp_mixed: fp32 upcast + two 16-bit tensors); + 4 bytes of rstd.
                      On CPU in fp32 raylm/model.py's _RMSNorm keeps the normed tensor instead
-                     of its input: 8h. That is eager mode, the default; --compile_model runs
-                     the plain ops, 4h more per norm
+                     of its input (or, with the fused kernels, its input but not the normed
+                     tensor): 8h. That is eager mode, the default; --compile_model runs the
+                     plain ops, 4h more per norm
       attention      q and k, views of one rotated tensor s·(q + kv); v, a view that keeps the
                      fused qkv output s·(q + 2kv) alive; except on GPU in fp32, where k and v are
                      repeated to every query head (s·q each; raylm/model.py does so to keep the
                      memory-efficient kernel); the output s·q (o_proj's input is a view of it);
                      logsumexp 4·num_heads
-      SwiGLU         gate|up output s·2I, silu(gate) s·I, their product s·I  -> 4·s·I
+      SwiGLU         gate|up output s·2I, silu(gate) s·I, their product s·I  -> 4·s·I; 3·s·I
+                     on CPU in fp32 with raylm's fused kernels (raylm/cpu_kernels.py), whose
+                     backward recomputes silu(gate)
       layer          2 x RMSNorm + attention + SwiGLU
       checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h;
                      in the backward pass one block at a time is recomputed ("recompute": its
@@ -88,7 +91,13 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     repeat_kv = s == 4 and kv != q and device != "cpu"  # as GroupedQueryAttention.forward decides
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)
     attention = s * (q + kv) + kv_saved + s * q + 4 * c.num_heads
-    layer = 2 * norm + attention + 4 * s * I
+    swiglu = 4 * s * I
+    if device == "cpu" and regime == "fp32":
+        from raylm.cpu_kernels import fused_cpu_ops
+
+        if fused_cpu_ops() is not None:
+            swiglu = 3 * s * I
+    layer = 2 * norm + attention + swiglu
     residual = 2 * h if regime == "fsdp_mixed" else 4 * h
     return {"layer": layer, "stored_per_layer": residual if act_ckpt else layer,
             "recompute": layer + 2 * s * I + residual, "head": 16 + norm + s * V + 4 * V,

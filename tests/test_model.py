@@ -404,6 +404,23 @@ def _plain(monkeypatch):
     monkeypatch.setattr(model_module, "hand_written_backward", lambda x: False)
 
 
+@pytest.fixture(params=["fused", "torch-ops"])
+def hand_written(request, monkeypatch):
+    """Each test of the hand-written passes runs twice: with raylm's fused C++ kernels
+    (raylm/cpu_kernels.py; built on first use) and with the separate PyTorch ops that replace them
+    where they cannot be built."""
+    import raylm.model as model_module
+    from raylm.cpu_kernels import _compile_flags, fused_cpu_ops
+
+    if request.param == "fused":
+        if _compile_flags() is None:
+            pytest.skip("the fused kernels are built for AVX2 and AVX-512 CPUs only")
+        assert fused_cpu_ops() is not None, "the fused CPU kernels did not build (see the warning)"
+    else:
+        monkeypatch.setattr(model_module, "fused_cpu_ops", lambda: None)
+    return request.param
+
+
 def _forward_backward(model, x):
     model.zero_grad()
     logits, loss = model(x, labels=x)
@@ -411,7 +428,7 @@ def _forward_backward(model, x):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_hand_written_backward_passes_give_autograds_values(monkeypatch):
+def test_hand_written_backward_passes_give_autograds_values(monkeypatch, hand_written):
     """RMSNorm, the rotary embedding of q and k (with the split into q, k and v) and silu(gate) * up,
     forward and backward through a whole fp32 model: the same logits and gradients as the plain ops."""
     import raylm.model as model_module
@@ -442,7 +459,7 @@ def test_hand_written_backward_passes_run_in_fp32_eager_cpu_only():
     assert not torch.compile(lambda t: torch.tensor(hand_written_backward(t)), fullgraph=True)(x)
 
 
-def test_hand_written_rms_norm_and_rotation_match_their_definitions():
+def test_hand_written_rms_norm_and_rotation_match_their_definitions(hand_written):
     """Against the formulas themselves, on strided inputs and gradients; the rotation's backward is the
     inverse rotation. (A bf16 input takes the plain ops: RMSNorm returns fp32 with an fp32 weight, and
     rounds the normalised value to bf16 first.)"""
@@ -479,7 +496,7 @@ def test_hand_written_rms_norm_and_rotation_match_their_definitions():
     torch.testing.assert_close(torch.autograd.grad(rotated, qkv, g)[0], torch.autograd.grad(plain, qkv, g)[0])
 
 
-def test_hand_written_qkv_split_and_rotation_match_the_plain_ops():
+def test_hand_written_qkv_split_and_rotation_match_the_plain_ops(hand_written):
     """_RotaryQKV: q and k rotated, v passed through, and one gradient for qkv, also when only some of
     the three outputs are used (autograd then passes None for the others)."""
     from raylm.model import RotaryEmbedding, _RotaryQKV, apply_rotary

@@ -107,16 +107,23 @@ def test_bf16_autocast_on_cpu_trains(packed_data, tmp_path):
     assert all(math.isfinite(x) for x in ls) and ls[-1] < ls[0] - 0.5
 
 
-def test_fp32_runs_on_a_cpu_with_bf16_matrix_units_suggest_bf16(packed_data, tmp_path, capsys, monkeypatch):
+def test_fp32_cpu_banner_names_its_kernels_and_suggests_bf16_on_amx(packed_data, tmp_path, capsys, monkeypatch):
     """On a CPU with Intel AMX, bf16 trains several times faster than fp32: an fp32 run's banner says so."""
     import raylm.runtime as runtime
 
     tip = "Tip: this CPU multiplies bf16 matrices in hardware (Intel AMX): --mixed_precision bf16 trained"
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul_units", lambda: True)
     train(cfg_for(packed_data, tmp_path / "fp32", max_steps=2, launcher="local"))
-    assert tip in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert tip in out
+    assert "Norm, SwiGLU and rotary kernels: fused (raylm/csrc/fused_cpu.cpp)" in out  # fp32 eager: raylm's own
     train(cfg_for(packed_data, tmp_path / "bf16", max_steps=2, launcher="local", mixed_precision="bf16"))
-    assert "Tip:" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Tip:" not in out and "rotary kernels" not in out  # autocast runs PyTorch's ops
+    monkeypatch.setenv("RAYLM_FUSED_CPU_KERNELS", "0")
+    train(cfg_for(packed_data, tmp_path / "off", max_steps=2, launcher="local"))
+    assert "rotary kernels: separate PyTorch ops (RAYLM_FUSED_CPU_KERNELS=0)" in capsys.readouterr().out
+    monkeypatch.delenv("RAYLM_FUSED_CPU_KERNELS")
     monkeypatch.setattr(runtime, "cpu_has_bf16_matmul_units", lambda: False)
     train(cfg_for(packed_data, tmp_path / "plain", max_steps=2, launcher="local"))
     assert "Tip:" not in capsys.readouterr().out

@@ -1,0 +1,146 @@
+"""raylm's fused fp32 CPU kernels (raylm/csrc/fused_cpu.cpp via raylm/cpu_kernels.py): the same values
+as the PyTorch ops they replace, at widths that are and are not multiples of the vector width and on
+enough rows to run on several threads; and what happens where they cannot be built."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raylm.cpu_kernels import _compile_flags, fused_cpu_ops
+
+needs_kernels = pytest.mark.skipif(_compile_flags() is None, reason="built for AVX2 and AVX-512 CPUs only")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = fused_cpu_ops()
+    assert loaded is not None, "the fused CPU kernels did not build (see the warning)"
+    return loaded
+
+
+def _close(ours, expected, what):
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,width", [(3, 37), (4096, 80), (5, 1536)])  # tails; 2 threads' share; a real width
+def test_swiglu_matches_silu_times_up(ops, rows, width):
+    torch.manual_seed(0)
+    h = (torch.randn(rows, 2 * width) * 4).requires_grad_()  # large |gate| too: exp at both ends
+    gate, up = h.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    _close(ops.swiglu_forward(h.detach()), expected.detach(), "forward")
+    grad = torch.randn(rows, width)
+    (expected_grad,) = torch.autograd.grad(expected, h, grad)
+    _close(ops.swiglu_backward(grad, h.detach()), expected_grad, "backward")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,hidden", [(3, 48), (4096, 40), (7, 512)])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_rms_norm_matches_pytorchs(ops, rows, hidden, weight_grad):
+    torch.manual_seed(0)
+    x = (torch.randn(rows, hidden) * 3).requires_grad_()
+    weight = torch.empty(hidden).uniform_(0.5, 1.5).requires_grad_()
+    expected = F.rms_norm(x, (hidden,), weight, eps=1e-5)
+    out, rstd = ops.rms_norm_forward(x.detach(), weight.detach(), 1e-5)
+    _close(out, expected.detach(), "forward")
+    _close(rstd, torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-5), "rstd")
+    grad = torch.randn(rows, hidden)
+    gx, gw = torch.autograd.grad(expected, (x, weight), grad)
+    ours_x, ours_w = ops.rms_norm_backward(grad, x.detach(), weight.detach(), rstd, weight_grad)
+    _close(ours_x, gx, "grad x")
+    if weight_grad:  # summed over rows per thread, then over threads: a different order, the same sum
+        torch.testing.assert_close(ours_w, gw, rtol=1e-4, atol=1e-4)
+
+
+def _rotate(x, cos, sin):  # Llama's rotate_half convention, written out
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("head_dim", [16, 40, 64])  # halves 8 (all tail), 20 (16 + 4), 32
+def test_rotary_matches_the_rotation_and_its_inverse(ops, head_dim):
+    torch.manual_seed(0)
+    B, T, n_q, n_kv = 3, 11, 4, 2
+    angles = torch.randn(T, head_dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    qkv = torch.randn(B, T, n_q + 2 * n_kv, head_dim, requires_grad=True)
+    expected = _rotate(qkv[:, :, :n_q + n_kv], cos[:, None], sin[:, None])
+    _close(ops.rotary_qk_forward(qkv.detach(), cos, sin, n_q + n_kv), expected.detach(), "forward")
+    v = qkv[:, :, n_q + n_kv:]
+    q, k = expected.split((n_q, n_kv), dim=2)
+    # gradients laid out as SDPA's are, (B, heads, T, D) transposed; some outputs unused (None)
+    grads = [torch.randn(B, t.shape[2], T, head_dim).transpose(1, 2) for t in (q, k, v)]
+    for used in ((0, 1, 2), (0,), (1, 2), (2,)):
+        (want,) = torch.autograd.grad([(q, k, v)[i] for i in used], qkv, [grads[i] for i in used], retain_graph=True)
+        given = [grads[i] if i in used else None for i in range(3)]
+        ours = ops.rotary_qkv_backward(*given, cos, sin, B, T, n_q, n_kv, head_dim)
+        _close(ours, want, f"backward of outputs {used}")
+
+
+@needs_kernels
+def test_kernels_refuse_other_dtypes_with_a_clear_error(ops):
+    with pytest.raises(RuntimeError, match="must be float32"):
+        ops.swiglu_forward(torch.zeros(2, 8, dtype=torch.bfloat16))
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_kernels
+def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tmp_path):
+    """A compiler that rejects the source: a warning that says what to do, training on with the plain
+    ops (the same loss), and later processes skip the attempt (its seconds) but still say why."""
+    broken = tmp_path / "fused_cpu.cpp"
+    broken.write_text("#error this compiler cannot build the kernels\n")
+    code = f"""
+        import warnings, torch
+        import raylm.cpu_kernels as kernels
+        kernels.SOURCE = kernels.Path({str(broken)!r})
+        from raylm.model import LLMModel, ModelConfig
+        torch.manual_seed(0)
+        model = LLMModel(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                     max_seq_len=16))
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, loss = model(ids, labels=ids)
+            loss.backward()
+            model(ids, labels=ids)
+        print("WARNINGS", len([w for w in caught if "fused CPU kernels" in str(w.message)]))
+        print("MESSAGE", [str(w.message) for w in caught][:1])
+        print("STATUS", kernels.fused_cpu_kernels_status())
+        print("LOSS", round(loss.item(), 6))
+    """
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    first = _run(code, env)
+    assert first.returncode == 0, first.stderr
+    assert "WARNINGS 1" in first.stdout  # once per process, however many calls
+    assert "compiling the fused CPU kernels" in first.stderr
+    assert "error: #error this compiler cannot build" in first.stdout  # the compiler's own words
+    assert "C++ compiler (g++ or clang)" in first.stdout and "RAYLM_FUSED_CPU_KERNELS=0" in first.stdout
+    assert "STATUS unavailable" in first.stdout
+    assert list((tmp_path / "builds").rglob("FAILED"))
+
+    second = _run(code, env)
+    assert second.returncode == 0, second.stderr
+    assert "compiling the fused CPU kernels" not in second.stderr  # not tried again
+    assert "an earlier build failed" in second.stdout and "delete" in second.stdout
+    assert "WARNINGS 1" in second.stdout
+
+    plain = _run(code.replace("kernels.SOURCE = ", "_ = "), {**env, "RAYLM_FUSED_CPU_KERNELS": "0"})
+    assert plain.returncode == 0, plain.stderr
+    assert "WARNINGS 0" in plain.stdout and "STATUS off (RAYLM_FUSED_CPU_KERNELS=0)" in plain.stdout
+
+    def loss(result):
+        return next(line for line in result.stdout.splitlines() if line.startswith("LOSS"))
+    assert loss(first) == loss(plain)  # both ran the same separate PyTorch ops

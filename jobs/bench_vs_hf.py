@@ -4,6 +4,7 @@
     python jobs/bench_vs_hf.py --sizes tiny --modes eager --windows 9
     python jobs/bench_vs_hf.py --sizes small-ish --modes eager --profile_steps 3   # and where the time goes
     python jobs/bench_vs_hf.py --smoke               # seconds; what the tests run
+    RAYLM_FUSED_CPU_KERNELS=0 python jobs/bench_vs_hf.py --sizes small-ish --modes eager  # raylm without its C++ kernels
 
 Both models get the same shapes (raylm.export.config_to_hf turns the raylm config into the
 LlamaConfig: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings, rope theta,
@@ -314,9 +315,14 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     load_before = os.getloadavg()[0]  # other work on a shared machine skews every figure below
+    from raylm.cpu_kernels import describe_cpu_kernels
+
     results = {"device": f"CPU x{os.cpu_count()}", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "hf_attn_implementation": "sdpa", "isolation": args.isolation,
                "precisions": args.precisions,
+               # what runs raylm's RMSNorm, SwiGLU and rotary embedding in eager fp32 (RAYLM_FUSED_CPU_KERNELS=0: the
+               # PyTorch-operator versions, for an A/B)
+               "raylm_eager_fp32_kernels": describe_cpu_kernels(),
                "runs": []}
     t0 = time.perf_counter()
     for size_name in args.sizes:
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; each model in "
           f"{'a process of its own' if args.isolation == 'process' else 'this one process'}; load average "
           f"{load_before:.1f} before, {results['load_average'][1]:.1f} after")
+    print(f"raylm's RMSNorm, SwiGLU and rotary kernels in eager fp32: {results['raylm_eager_fp32_kernels']}")
     print(f"{'size':9s} {'mode':8s} {'prec':5s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} "
           f"{'HF tok/s':>10s} {'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s} {'faults/step':>13s}  first loss raylm / HF")
     for r in results["runs"]:

@@ -85,12 +85,12 @@ def _load():
     build_dir.mkdir(parents=True, exist_ok=True)
     failed = build_dir / "FAILED"
     if failed.exists():
-        raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()}); delete {build_dir} to retry")
+        raise RuntimeError(f"an earlier build failed: {failed.read_text().strip()} (delete {build_dir} to try again)")
     fresh = not any(build_dir.glob(f"{name}*.so"))
     started = time.perf_counter()
     if fresh:
         print(f"raylm: compiling the fused CPU kernels (once per machine and PyTorch version; ~10-60 s) "
-              f"in {build_dir}", file=sys.stderr, flush=True)
+              f"in {build_dir}", flush=True)  # stdout: Ray Train's workers print their stderr twice
     try:
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
@@ -100,9 +100,9 @@ def _load():
             _atomic_write(failed, reason + "\n")
         except OSError:
             pass
-        raise RuntimeError(reason) from error
+        raise RuntimeError(f"{reason} (delete {build_dir} to try again)") from error
     if fresh:
-        print(f"raylm: fused CPU kernels compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        print(f"raylm: fused CPU kernels compiled in {time.perf_counter() - started:.0f} s", flush=True)
     return torch.ops.raylm_cpu
 
 

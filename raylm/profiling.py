@@ -11,9 +11,10 @@ import torch
 # name fragments -> category, first match wins (lower case). GPU kernel names: cuBLAS/CUTLASS GEMMs
 # (gemm, sm90_xmma, nvjet, cutlass), FlashAttention (flash), cuDNN attention (cudnn, fmha), the
 # memory-efficient kernel (fmha / efficient_attention), Triton kernels that inductor generates
-# (triton_), AdamW's fused or foreach kernels (adam). CPU operators: aten::mm/addmm/bmm, SDPA, and
-# compiled graphs ("## Call CompiledFxGraph ...": inductor's C++ kernels).
+# (triton_), AdamW's fused or foreach kernels (adam). CPU operators: aten::mm/addmm/bmm, SDPA, raylm's
+# fused CPU kernels (raylm_cpu::), and compiled graphs ("## Call CompiledFxGraph ...": inductor's C++ kernels).
 CATEGORIES = (
+    ("fused elementwise (raylm's CPU kernels)", ("raylm_cpu::",)),  # raylm/csrc/fused_cpu.cpp
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
                 "mkl", "raylm::accumulate_product")),
@@ -107,7 +108,7 @@ def summarize(prof, device: torch.device, steps: int, top: int = 12) -> list[str
             t = event.self_cpu_time_total
             # operators, and compiled graphs, whose self time is inductor's generated C++ kernels (on CPU
             # the profiler does not see those one by one); Python and autograd frames are left out
-            if not event.key.startswith(("aten::", "raylm::", "## Call CompiledFxGraph")):
+            if not event.key.startswith(("aten::", "raylm::", "raylm_cpu::", "## Call CompiledFxGraph")):
                 continue
         if t > 0:
             rows.append((event.key, t, event.count))

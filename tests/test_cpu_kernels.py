@@ -125,16 +125,18 @@ def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tm
     first = _run(code, env)
     assert first.returncode == 0, first.stderr
     assert "WARNINGS 1" in first.stdout  # once per process, however many calls
-    assert "compiling the fused CPU kernels" in first.stderr
+    assert "compiling the fused CPU kernels" in first.stdout
     assert "error: #error this compiler cannot build" in first.stdout  # the compiler's own words
+    assert f"delete {tmp_path / 'builds'}" in first.stdout  # and what to delete once it is fixed
     assert "C++ compiler (g++ or clang)" in first.stdout and "RAYLM_FUSED_CPU_KERNELS=0" in first.stdout
     assert "STATUS unavailable" in first.stdout
     assert list((tmp_path / "builds").rglob("FAILED"))
 
     second = _run(code, env)
     assert second.returncode == 0, second.stderr
-    assert "compiling the fused CPU kernels" not in second.stderr  # not tried again
-    assert "an earlier build failed" in second.stdout and "delete" in second.stdout
+    assert "compiling the fused CPU kernels" not in second.stdout  # not tried again
+    assert "an earlier build failed: RuntimeError: " in second.stdout and "error: #error" in second.stdout
+    assert f"delete {tmp_path / 'builds'}" in second.stdout and "to try again" in second.stdout
     assert "WARNINGS 1" in second.stdout
 
     plain = _run(code.replace("kernels.SOURCE = ", "_ = "), {**env, "RAYLM_FUSED_CPU_KERNELS": "0"})

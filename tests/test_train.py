@@ -321,6 +321,7 @@ def test_profile_steps_writes_where_the_time_went_and_keeps_it_out_of_throughput
     table = (tmp_path / "profile" / "kernels.txt").read_text()
     assert table.startswith("Profile of 2 step(s): CPU operator self time")
     assert "matmul" in table and "aten::mm" in table and "slowest operators:" in table
+    assert "fused elementwise (raylm's CPU kernels)" in table and "raylm_cpu::swiglu_backward" in table
     assert (tmp_path / "profile" / "trace.json").stat().st_size > 0
     # warm, unprofiled windows: steps 3-4 and 5-6 (the same tokens each); 7-8 are profiled, left out
     windows = {r["step"]: r["tokens_per_sec"] for r in read_jsonl(tmp_path / "metrics.jsonl")
@@ -345,6 +346,7 @@ def test_profile_window_skips_warm_up_and_fits_the_run():
     assert category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
     assert category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused elementwise (inductor/triton)"
     assert category("## Call CompiledFxGraph fgjgscbp26ruww3wjj7vw3f ##") == "fused elementwise (inductor/triton)"
+    assert category("raylm_cpu::rms_norm_backward") == "fused elementwise (raylm's CPU kernels)"
     assert category("void at::native::(anonymous)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == \
         "optimizer and clipping"
 

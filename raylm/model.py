@@ -167,8 +167,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # concatenation in the backward). Memory passes are what these ops cost on a CPU, so there raylm runs
 # them as the functions below. Each does its forward and its backward in one pass with raylm's fused C++
 # kernels (raylm/cpu_kernels.py, compiled on first use), or, where those cannot be built, with as few
-# separate PyTorch ops as it can. Small-ish model (hidden 512, 8 layers), 2 cores, torch.profiler, per
-# training step: 147 ms in those PyTorch-op versions, 71 ms in the fused kernels. Compiled code
+# separate PyTorch ops as it can. Small-ish model (hidden 512, 8 layers), 2 cores, torch.profiler with
+# shapes recorded, per training step: 147 ms in those PyTorch-op versions, 71 ms in the fused kernels (54
+# ms in jobs/bench_vs_hf.py's lighter profile). Neither backward has a second derivative. Compiled code
 # keeps the plain ops (inductor fuses them itself), and so do GPUs, where raylm's figures were measured
 # with the plain ops, and 16-bit runs. Same values; RMSNorm saves 4 bytes per hidden unit less for the
 # backward, and the fused SwiGLU 4 bytes per intermediate unit less (raylm/plan.py counts both).
@@ -180,6 +181,16 @@ def hand_written_backward(x: torch.Tensor) -> bool:
     would have to model for little gain: CPUs mostly train in fp32, raylm's default.)"""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())
+
+
+def _no_second_derivative() -> None:
+    """The backward passes below are not differentiable themselves (C++ kernels, or out= operators): say
+    so where a second derivative is asked for (backward with create_graph=True), instead of failing on an
+    out= operator or returning a wrong one."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("raylm's hand-written CPU backward passes (RMSNorm, SwiGLU, rotary embedding) have no "
+                           "second derivative: differentiate twice with the plain operators, which a compiled "
+                           "model or a GPU runs")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float,
@@ -207,7 +218,7 @@ class _RotaryQKV(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         ctx.n_q, ctx.n_kv = n_q, n_kv
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros to rotate
-        ops = fused_cpu_ops() if cos.dtype == qkv.dtype else None
+        ops = ctx.ops = fused_cpu_ops() if cos.dtype == qkv.dtype else None  # the backward follows the forward
         if ops is not None:
             qk = ops.rotary_qk_forward(qkv, cos, sin, n_q + n_kv)
         else:
@@ -217,13 +228,14 @@ class _RotaryQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None):
+        _no_second_derivative()
         cos, sin = ctx.saved_tensors
         n_q, n_kv = ctx.n_q, ctx.n_kv
         like = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
         B, T, _, head_dim = like.shape
-        ops = fused_cpu_ops() if cos.dtype == like.dtype else None
-        if ops is not None:
-            return ops.rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin, B, T, n_q, n_kv, head_dim), None, None, None, None
+        if ctx.ops is not None:
+            grad = ctx.ops.rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin, B, T, n_q, n_kv, head_dim)
+            return grad, None, None, None, None
         grad = torch.empty(B, T, n_q + 2 * n_kv, head_dim, dtype=like.dtype, device=like.device)
         into_q, into_k, into_v = grad.split((n_q, n_kv, n_kv), dim=2)
         for g, into in ((grad_q, into_q), (grad_k, into_k)):
@@ -237,8 +249,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ops = fused_cpu_ops() if weight.dtype == x.dtype else None
-        ctx.fused = ops is not None
+        ops = ctx.ops = fused_cpu_ops() if weight.dtype == x.dtype else None
         if ops is not None:  # one pass; the backward recomputes normed from x (kept alive by the residual)
             out, rstd = ops.rms_norm_forward(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
@@ -251,9 +262,10 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.fused:
+        _no_second_derivative()
+        if ctx.ops is not None:
             x, weight, rstd = ctx.saved_tensors
-            grad_x, grad_weight = fused_cpu_ops().rms_norm_backward(grad, x, weight, rstd, ctx.needs_input_grad[1])
+            grad_x, grad_weight = ctx.ops.rms_norm_backward(grad, x, weight, rstd, ctx.needs_input_grad[1])
             return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
         normed, weight, rstd = ctx.saved_tensors
         hidden = normed.shape[-1]
@@ -271,8 +283,7 @@ class _SiluMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        ops = fused_cpu_ops()
-        ctx.fused = ops is not None
+        ops = ctx.ops = fused_cpu_ops()
         if ops is not None:  # one pass; the backward recomputes silu(gate) instead of keeping it
             ctx.save_for_backward(h)
             return ops.swiglu_forward(h)
@@ -283,9 +294,10 @@ class _SiluMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.fused:
+        _no_second_derivative()
+        if ctx.ops is not None:
             (h,) = ctx.saved_tensors
-            return fused_cpu_ops().swiglu_backward(grad, h)
+            return ctx.ops.swiglu_backward(grad, h)
         h, activated = ctx.saved_tensors
         gate, up = h.chunk(2, dim=-1)
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)

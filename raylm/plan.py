@@ -49,7 +49,7 @@ def _regime(strategy: str, world: int, precision: str) -> str:
 
 
 def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = False,
-                               device: str = "cuda") -> dict[str, int]:
+                               device: str = "cuda", compile_model: bool = False) -> dict[str, int]:
     """Bytes per token that a forward pass keeps for the backward pass (autograd's saved tensors,
     counted by storage), read off raylm/model.py op by op and checked with saved_tensors_hooks:
 
@@ -67,8 +67,8 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      memory-efficient kernel); the output s·q (o_proj's input is a view of it);
                      logsumexp 4·num_heads
       SwiGLU         gate|up output s·2I, silu(gate) s·I, their product s·I  -> 4·s·I; 3·s·I
-                     on CPU in fp32 with raylm's fused kernels (raylm/cpu_kernels.py), whose
-                     backward recomputes silu(gate)
+                     on CPU in fp32 eager mode with raylm's fused kernels (raylm/cpu_kernels.py),
+                     whose backward recomputes silu(gate); compile_model: the plain ops, 4·s·I
       layer          2 x RMSNorm + attention + SwiGLU
       checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h;
                      in the backward pass one block at a time is recomputed ("recompute": its
@@ -92,10 +92,10 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)
     attention = s * (q + kv) + kv_saved + s * q + 4 * c.num_heads
     swiglu = 4 * s * I
-    if device == "cpu" and regime == "fp32":
-        from raylm.cpu_kernels import fused_cpu_ops
+    if device == "cpu" and regime == "fp32" and not compile_model:
+        from raylm.cpu_kernels import fused_cpu_kernels_expected
 
-        if fused_cpu_ops() is not None:
+        if fused_cpu_kernels_expected():  # decided without building them: planning has no side effects
             swiglu = 3 * s * I
     layer = 2 * norm + attention + swiglu
     residual = 2 * h if regime == "fsdp_mixed" else 4 * h
@@ -106,7 +106,7 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
 
 def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, world: int = 1, strategy: str = "ddp",
                     precision: str = "off", act_ckpt: bool = False, accumulation_steps: int = 1,
-                    device: str = "cuda") -> dict[str, int]:
+                    device: str = "cuda", compile_model: bool = False) -> dict[str, int]:
     """Bytes per worker at the peak of a training step, by component (and "total"), with the loss
     computed from full logits (`--loss_chunking off`); the chunked loss that training runs by default
     needs less, so for it this is an upper bound.
@@ -147,7 +147,7 @@ def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, worl
     P, L = n["total"], model_cfg.num_layers
     s = 4 if precision == "off" else 2
     shard = world if sharded else 1
-    t = activation_bytes_per_token(model_cfg, regime, act_ckpt, device)
+    t = activation_bytes_per_token(model_cfg, regime, act_ckpt, device, compile_model)
     tokens = micro_batch * seq_len
     stored = L * t["stored_per_layer"]
     accumulating = accumulation_steps > 1

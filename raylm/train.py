@@ -670,7 +670,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory
         fits = (f"; largest micro batch for this GPU ({gpu_bytes / 2**30:.0f} GiB): "
                 f"{largest_micro_batch(model_cfg, seq_len, gpu_bytes, *plan_args)}")
-    say(f"Memory estimate per worker: {describe(estimate_memory(model_cfg, seq_len, cfg.micro_batch_size, *plan_args))}"
+    estimate = estimate_memory(model_cfg, seq_len, cfg.micro_batch_size, *plan_args, compile_model=cfg.compile_model)
+    say(f"Memory estimate per worker: {describe(estimate)}"
         f"{fits}")
     say(f"Model parameters: {n_params:,} ({model.num_params(exclude_embeddings=True):,} without embeddings)")
     say(f"Model: hidden {model_cfg.hidden_size}, layers {model_cfg.num_layers}, heads {model_cfg.num_heads}"

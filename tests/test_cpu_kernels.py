@@ -28,7 +28,7 @@ def _close(ours, expected, what):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows,width", [(3, 37), (4096, 80), (5, 1536)])  # tails; 2 threads' share; a real width
+@pytest.mark.parametrize("rows,width", [(3, 37), (4096, 83), (5, 1536)])  # tails (8 and 16 lanes); threads; real
 def test_swiglu_matches_silu_times_up(ops, rows, width):
     torch.manual_seed(0)
     h = (torch.randn(rows, 2 * width) * 4).requires_grad_()  # large |gate| too: exp at both ends
@@ -41,7 +41,7 @@ def test_swiglu_matches_silu_times_up(ops, rows, width):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows,hidden", [(3, 48), (4096, 40), (7, 512)])
+@pytest.mark.parametrize("rows,hidden", [(3, 45), (4096, 41), (7, 512)])  # tails for 8 and 16 lanes; threads
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_rms_norm_matches_pytorchs(ops, rows, hidden, weight_grad):
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def _rotate(x, cos, sin):  # Llama's rotate_half convention, written out
 @pytest.mark.parametrize("head_dim", [16, 40, 64])  # halves 8 (all tail), 20 (16 + 4), 32
 def test_rotary_matches_the_rotation_and_its_inverse(ops, head_dim):
     torch.manual_seed(0)
-    B, T, n_q, n_kv = 3, 11, 4, 2
+    B, T, n_q, n_kv = 8, 128, 4, 2  # 1,024 positions: more than one thread's share
     angles = torch.randn(T, head_dim // 2)
     cos, sin = angles.cos(), angles.sin()
     qkv = torch.randn(B, T, n_q + 2 * n_kv, head_dim, requires_grad=True)
@@ -91,9 +91,120 @@ def test_kernels_refuse_other_dtypes_with_a_clear_error(ops):
         ops.swiglu_forward(torch.zeros(2, 8, dtype=torch.bfloat16))
 
 
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rms_norm_weight_gradient_is_the_same_sum_on_any_number_of_threads(ops, threads):
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(3000, 45), torch.rand(45) + 0.5, torch.randn(3000, 45)
+    _, rstd = ops.rms_norm_forward(x, weight, 1e-5)
+    expected = (grad * x * rstd).sum(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, grad_weight = ops.rms_norm_backward(grad, x, weight, rstd, True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(grad_weight, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_kernels_share_pytorchs_openmp_runtime(ops):
+    """Linked against the OpenMP library PyTorch loaded: one runtime, one pool of threads."""
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps
+                    if os.path.basename(line.split()[-1]).startswith(("libgomp", "libiomp5", "libomp"))}
+    assert len(runtimes) == 1, runtimes
+
+
+@needs_kernels
+def test_the_switch_turns_loaded_kernels_off_and_a_second_derivative_is_refused(ops, monkeypatch):
+    """RAYLM_FUSED_CPU_KERNELS=0 takes effect even after the kernels have loaded (the profiler shows which
+    operators ran); a second derivative through the hand-written passes raises and says why, instead of
+    returning zeros."""
+    from torch.profiler import profile
+
+    from raylm.model import LLMModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLMModel(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                 max_seq_len=16))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def fused_ops_ran() -> bool:
+        with profile() as prof:
+            model(ids, labels=ids)[1].backward()
+        return any(event.key.startswith("raylm_cpu::") for event in prof.key_averages())
+
+    assert fused_ops_ran()
+    monkeypatch.setenv("RAYLM_FUSED_CPU_KERNELS", "0")
+    assert not fused_ops_ran()
+    monkeypatch.delenv("RAYLM_FUSED_CPU_KERNELS")
+    for switch in ("1", "0"):  # the fused kernels, and the PyTorch-operator versions (out= operators)
+        monkeypatch.setenv("RAYLM_FUSED_CPU_KERNELS", switch)
+        _, loss = model(ids, labels=ids)
+        with pytest.raises(RuntimeError, match="hand-written CPU backward passes .* have no second derivative"):
+            torch.autograd.grad(loss, model.layers[0].mlp.gate_up_proj.weight, create_graph=True)
+
+
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=120)
+
+
+def _folder_for(source, root):
+    """The build folder raylm.cpu_kernels picks for `source` under `root` (computed as a child process will)."""
+    import raylm.cpu_kernels as kernels
+
+    before, kernels.SOURCE = kernels.SOURCE, source
+    old_root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    try:
+        return kernels._build_dir(kernels._compile_flags())
+    finally:
+        kernels.SOURCE = before
+        if old_root is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR")
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = old_root
+
+
+_TRY = """
+    import warnings
+    import raylm.cpu_kernels as kernels
+    kernels.SOURCE = kernels.Path({source!r})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print("OPS", kernels.fused_cpu_ops())
+    print("MESSAGE", [str(w.message) for w in caught])
+"""
+
+
+@needs_kernels
+def test_processes_building_at_once_all_report_the_compilers_error(tmp_path):
+    """Several workers of one machine start together: one compiles while the others wait for it, and each
+    reports the compiler's own error (not a missing library from the build that never finished)."""
+    broken = tmp_path / "fused_cpu.cpp"
+    broken.write_text("#error this compiler cannot build the kernels\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_TRY.format(source=str(broken)))], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for output in outputs:
+        assert "OPS None" in output and "error: #error this compiler cannot build the kernels" in output, output
+    assert sum("compiling the fused CPU kernels" in output for output in outputs) == 1  # one compiled
+
+
+@needs_kernels
+def test_a_build_folder_others_can_write_to_is_refused(tmp_path):
+    """A shared TORCH_EXTENSIONS_DIR that other users can write to could hand this process their library."""
+    source = tmp_path / "fused_cpu.cpp"
+    source.write_text("// never compiled\n")
+    folder = _folder_for(source, tmp_path / "shared")
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    result = _run(_TRY.format(source=str(source)), {"TORCH_EXTENSIONS_DIR": str(tmp_path / "shared")})
+    assert "OPS None" in result.stdout and "writable by others" in result.stdout, result.stdout + result.stderr
+    assert "compiling" not in result.stdout
 
 
 @needs_kernels
@@ -122,13 +233,16 @@ def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tm
         print("LOSS", round(loss.item(), 6))
     """
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
+    folder = _folder_for(broken, tmp_path / "builds")
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")  # torch's build lock, as a build killed half-way leaves it: no hang
     first = _run(code, env)
     assert first.returncode == 0, first.stderr
     assert "WARNINGS 1" in first.stdout  # once per process, however many calls
     assert "compiling the fused CPU kernels" in first.stdout
     assert "error: #error this compiler cannot build" in first.stdout  # the compiler's own words
     assert f"delete {tmp_path / 'builds'}" in first.stdout  # and what to delete once it is fixed
-    assert "C++ compiler (g++ or clang)" in first.stdout and "RAYLM_FUSED_CPU_KERNELS=0" in first.stdout
+    assert "A C++ compiler (g++) and ninja" in first.stdout and "RAYLM_FUSED_CPU_KERNELS=0" in first.stdout
     assert "STATUS unavailable" in first.stdout
     assert list((tmp_path / "builds").rglob("FAILED"))
 

@@ -45,6 +45,20 @@ def test_estimate_matches_the_measured_peak_on_cpu(shape, precision, act_ckpt, m
     assert est["total"] == pytest.approx(measured, rel=TOLERANCE), (est, measured)
 
 
+def test_cpu_fp32_estimate_follows_the_kernels_that_run(monkeypatch):
+    """Eager fp32 on CPU runs raylm's fused kernels, whose SwiGLU keeps one tensor less; compiled code and
+    RAYLM_FUSED_CPU_KERNELS=0 run PyTorch's operators, and the estimate follows (and still matches)."""
+    cfg = model_config_from(None, max_seq_len=128, **GQA)
+    args = dict(precision="off", accumulation_steps=2, device="cpu")
+    fused = estimate_memory(cfg, 128, 2, **args)["total"]
+    compiled = estimate_memory(cfg, 128, 2, **args, compile_model=True)["total"]
+    assert compiled - fused == cfg.num_layers * 4 * cfg.intermediate_size * 128 * 2  # one fp32 I per token and layer
+    monkeypatch.setenv("RAYLM_FUSED_CPU_KERNELS", "0")
+    off = estimate_memory(cfg, 128, 2, **args)["total"]
+    assert off == compiled
+    assert off == pytest.approx(measure_peak(cfg, 128, 2, precision="off", micro_steps=2), rel=TOLERANCE)
+
+
 def _fsdp_peaks(rank, world, port, cases, out):
     """One of `world` gloo processes: for each case, the training loop's step under --strategy fsdp
     (raylm.train.shard_model, no-sync accumulation, clipping, AdamW), its CPU peak on rank 0."""

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -63,6 +64,7 @@ at::Tensor swiglu_backward(const at::Tensor& grad_in, const at::Tensor& h_in) {
   check_fp32_cpu(h_in, "h");
   at::Tensor grad = grad_in.contiguous(), h = h_in.contiguous();
   const int64_t width = h.size(-1), I = width / 2, rows = h.numel() / std::max<int64_t>(1, width);
+  TORCH_CHECK(width % 2 == 0, "swiglu_backward: the last dimension of h (gate | up) must be even");
   TORCH_CHECK(grad.numel() == rows * I, "swiglu_backward: grad has ", grad.numel(), " elements, expected ", rows * I);
   at::Tensor out = at::empty_like(h);
   const float* hp = h.const_data_ptr<float>();
@@ -146,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x_in, cons
 
 // grad, x (rows, H), weight (H), rstd (rows) -> (d/dx, d/dweight):
 // d/dx = rstd * (grad * weight - normed * mean(grad * weight * normed)), normed = x * rstd;
-// d/dweight = sum over rows of grad * normed (each thread sums its rows, then the threads' sums are added)
+// d/dweight = sum over rows of grad * normed (each block of rows sums its own, then the blocks' sums are added)
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                      const at::Tensor& weight_in, const at::Tensor& rstd_in,
                                                      bool weight_grad) {
@@ -157,8 +159,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_in, 
   const int64_t H = x.size(-1), rows = x.numel() / std::max<int64_t>(1, H);
   TORCH_CHECK(grad.numel() == x.numel() && rstd.numel() == rows, "rms_norm_backward: shapes do not match");
   at::Tensor grad_x = at::empty_like(x);
-  const int threads = at::get_num_threads();
-  at::Tensor partial = weight_grad ? at::zeros({threads, H}, x.options()) : at::Tensor();
+  // The weight's gradient is a sum over rows: the rows are cut into a fixed number of blocks, each summing
+  // its own rows into its own row of `partial` (no thread ids: the OpenMP team may differ from torch's count)
+  const int64_t grain = grain_rows(H);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
+  const int64_t per_block = (rows + blocks - 1) / blocks;
+  at::Tensor partial = weight_grad ? at::zeros({blocks, H}, x.options()) : at::Tensor();
   const float* gp = grad.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   const float* wp = weight.const_data_ptr<float>();
@@ -166,36 +172,39 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_in, 
   float* dxp = grad_x.mutable_data_ptr<float>();
   float* pp = weight_grad ? partial.mutable_data_ptr<float>() : nullptr;
   const float inv_h = 1.f / static_cast<float>(H);
-  at::parallel_for(0, rows, grain_rows(H), [&](int64_t begin, int64_t end) {
-    float* acc = weight_grad ? pp + at::get_thread_num() * H : nullptr;
-    for (int64_t r = begin; r < end; ++r) {
-      const float* g = gp + r * H;
-      const float* xr = xp + r * H;
-      float* dx = dxp + r * H;
-      const float rs = rp[r];
-      const Vec vr(rs);
-      // pass 1 (one row, in cache): the dot product, and the weight's gradient
-      Vec dot_acc(0.f);
-      int64_t j = 0;
-      for (; j + Vec::size() <= H; j += Vec::size()) {
-        Vec gv = Vec::loadu(g + j), normed = Vec::loadu(xr + j) * vr;
-        dot_acc = at::vec::fmadd(gv * Vec::loadu(wp + j), normed, dot_acc);
-        if (acc) at::vec::fmadd(gv, normed, Vec::loadu(acc + j)).store(acc + j);
+  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
+    for (int64_t block = first_block; block < end_block; ++block) {
+      float* acc = weight_grad ? pp + block * H : nullptr;
+      const int64_t begin = block * per_block, end = std::min(rows, begin + per_block);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* g = gp + r * H;
+        const float* xr = xp + r * H;
+        float* dx = dxp + r * H;
+        const float rs = rp[r];
+        const Vec vr(rs);
+        // pass 1 (one row, in cache): the dot product, and the weight's gradient
+        Vec dot_acc(0.f);
+        int64_t j = 0;
+        for (; j + Vec::size() <= H; j += Vec::size()) {
+          Vec gv = Vec::loadu(g + j), normed = Vec::loadu(xr + j) * vr;
+          dot_acc = at::vec::fmadd(gv * Vec::loadu(wp + j), normed, dot_acc);
+          if (acc) at::vec::fmadd(gv, normed, Vec::loadu(acc + j)).store(acc + j);
+        }
+        float dot = horizontal_sum(dot_acc);
+        for (int64_t k = j; k < H; ++k) {
+          const float normed = xr[k] * rs;
+          dot += g[k] * wp[k] * normed;
+          if (acc) acc[k] += g[k] * normed;
+        }
+        const float mean = dot * inv_h;
+        const Vec vmean(mean);
+        j = 0;
+        for (; j + Vec::size() <= H; j += Vec::size()) {
+          Vec normed = Vec::loadu(xr + j) * vr;
+          ((Vec::loadu(g + j) * Vec::loadu(wp + j) - normed * vmean) * vr).store(dx + j);
+        }
+        for (; j < H; ++j) dx[j] = (g[j] * wp[j] - xr[j] * rs * mean) * rs;
       }
-      float dot = horizontal_sum(dot_acc);
-      for (int64_t k = j; k < H; ++k) {
-        const float normed = xr[k] * rs;
-        dot += g[k] * wp[k] * normed;
-        if (acc) acc[k] += g[k] * normed;
-      }
-      const float mean = dot * inv_h;
-      const Vec vmean(mean);
-      j = 0;
-      for (; j + Vec::size() <= H; j += Vec::size()) {
-        Vec normed = Vec::loadu(xr + j) * vr;
-        ((Vec::loadu(g + j) * Vec::loadu(wp + j) - normed * vmean) * vr).store(dx + j);
-      }
-      for (; j < H; ++j) dx[j] = (g[j] * wp[j] - xr[j] * rs * mean) * rs;
     }
   });
   at::Tensor grad_weight = weight_grad ? partial.sum(0) : at::Tensor();
@@ -235,8 +244,11 @@ at::Tensor rotary_qk_forward(const at::Tensor& qkv_in, const at::Tensor& cos_in,
   at::Tensor qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   TORCH_CHECK(qkv.dim() == 4, "rotary: qkv must be (B, T, heads, head_dim)");
   const int64_t B = qkv.size(0), T = qkv.size(1), n = qkv.size(2), D = qkv.size(3);
-  TORCH_CHECK(n_rotated <= n && cos.numel() == T * (D / 2) && sin.numel() == T * (D / 2),
-              "rotary: cos/sin must be (T, head_dim / 2)");
+  TORCH_CHECK(D % 2 == 0, "rotary: head_dim must be even, got ", D);
+  TORCH_CHECK(0 <= n_rotated && n_rotated <= n, "rotary: n_rotated must be in [0, ", n, "], got ", n_rotated);
+  check_fp32_cpu(cos, "cos");
+  check_fp32_cpu(sin, "sin");
+  TORCH_CHECK(cos.numel() == T * (D / 2) && sin.numel() == T * (D / 2), "rotary: cos/sin must be (T, head_dim / 2)");
   at::Tensor out = at::empty({B, T, n_rotated, D}, qkv.options());
   const float* xp = qkv.const_data_ptr<float>();
   const float* cp = cos.const_data_ptr<float>();
@@ -254,16 +266,21 @@ at::Tensor rotary_qk_forward(const at::Tensor& qkv_in, const at::Tensor& cos_in,
 // The gradients of q (B, T, n_q, D), k (B, T, n_kv, D) and v (B, T, n_kv, D) -- any strides with a
 // contiguous last dim; undefined for an unused output -- into one (B, T, n_q + 2 n_kv, D) gradient for qkv:
 // q's and k's rotated back, v's copied.
-at::Tensor rotary_qkv_backward(const c10::optional<at::Tensor>& grad_q, const c10::optional<at::Tensor>& grad_k,
-                               const c10::optional<at::Tensor>& grad_v, const at::Tensor& cos_in,
+at::Tensor rotary_qkv_backward(const std::optional<at::Tensor>& grad_q, const std::optional<at::Tensor>& grad_k,
+                               const std::optional<at::Tensor>& grad_v, const at::Tensor& cos_in,
                                const at::Tensor& sin_in, int64_t B, int64_t T, int64_t n_q, int64_t n_kv, int64_t D) {
   at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  check_fp32_cpu(cos, "cos");
+  check_fp32_cpu(sin, "sin");
+  TORCH_CHECK(D % 2 == 0 && B >= 0 && T >= 0 && n_q >= 0 && n_kv >= 0, "rotary_qkv_backward: bad sizes");
+  TORCH_CHECK(cos.numel() == T * (D / 2) && sin.numel() == T * (D / 2),
+              "rotary_qkv_backward: cos/sin must be (T, head_dim / 2)");
   const int64_t n = n_q + 2 * n_kv;
   at::Tensor out = at::empty({B, T, n, D}, cos.options());
   struct Part { const float* data; int64_t sb, st, sh; int64_t heads, offset; bool rotate; };
   std::vector<Part> parts;
   std::vector<at::Tensor> keep;
-  const std::pair<const c10::optional<at::Tensor>*, int64_t> inputs[3] = {{&grad_q, n_q}, {&grad_k, n_kv}, {&grad_v, n_kv}};
+  const std::pair<const std::optional<at::Tensor>*, int64_t> inputs[3] = {{&grad_q, n_q}, {&grad_k, n_kv}, {&grad_v, n_kv}};
   int64_t offset = 0;
   for (int i = 0; i < 3; ++i) {
     const auto& g = *inputs[i].first;

@@ -3,8 +3,9 @@
 On a CPU the elementwise parts of a Llama block (SwiGLU, RMSNorm, the rotary embedding) cost what their
 passes over memory cost: each separate PyTorch op reads and writes whole activations. The C++ kernels do
 each part, forward or backward, in one pass, vectorised with PyTorch's own vector type and run on its
-threads. raylm/model.py uses them in eager fp32 CPU training (`hand_written_backward`); compiled models
-fuse the same ops with inductor, and GPUs and 16-bit runs keep the plain ops.
+threads. raylm/model.py uses them in eager CPU training in fp32 (`hand_written_backward`) and under bf16
+autocast (`fused_under_autocast`: bf16 storage, fp32 arithmetic); compiled models fuse the same ops with
+inductor, and GPUs and fp16 keep the plain ops.
 
 The kernels are built with torch.utils.cpp_extension the first time a process needs them: about 10 s on
 2 cores, then kept in the user's ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR), one build per kernel
@@ -236,7 +237,7 @@ def fused_cpu_kernels_status() -> str:
 
 
 def describe_cpu_kernels() -> str:
-    """What runs RMSNorm, SwiGLU and the rotary embedding of an fp32 eager CPU run, for the banner."""
+    """What runs RMSNorm, SwiGLU and the rotary embedding of an eager CPU run in fp32 or bf16, for the banner."""
     status = fused_cpu_kernels_status()
     if status == "on":
         return "fused (raylm/csrc/fused_cpu.cpp)"

@@ -171,16 +171,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # shapes recorded, per training step: 147 ms in those PyTorch-op versions, 71 ms in the fused kernels (54
 # ms in jobs/bench_vs_hf.py's lighter profile). Neither backward has a second derivative. Compiled code
 # keeps the plain ops (inductor fuses them itself), and so do GPUs, where raylm's figures were measured
-# with the plain ops, and 16-bit runs. Same values; RMSNorm saves 4 bytes per hidden unit less for the
+# with the plain ops, and fp16. Under bf16 CPU autocast the fused kernels run too (fused_under_autocast;
+# no PyTorch-op versions there). Same values; RMSNorm saves 4 bytes per hidden unit less for the
 # backward, and the fused SwiGLU 4 bytes per intermediate unit less (raylm/plan.py counts both).
 
 
 def hand_written_backward(x: torch.Tensor) -> bool:
-    """Whether x's ops run as the functions below: fp32 in eager mode on CPU, without autocast. (In
-    16 bits their backward passes hold more temporaries than autograd's, which the memory planner
-    would have to model for little gain: CPUs mostly train in fp32, raylm's default.)"""
+    """Whether x's ops run as the functions below: fp32 in eager mode on CPU, without autocast, with the
+    fused kernels or their PyTorch-op versions. (Under bf16 autocast only the fused kernels do:
+    fused_under_autocast. The PyTorch-op versions hold more temporaries than autograd's in 16 bits, which
+    the memory planner would have to model.)"""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())
+
+
+def fused_under_autocast(x: torch.Tensor) -> bool:
+    """Whether x's ops run as raylm's fused kernels under bf16 CPU autocast (`--mixed_precision bf16` on a
+    CPU): there the kernels take the fp32 residual stream (RMSNorm) and the bf16 outputs of the matrix
+    products (SwiGLU, the rotary embedding), compute in fp32 and round once, where PyTorch's operators
+    round after each. Only where the kernels are loaded (no PyTorch-op versions in 16 bits)."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+            and fused_cpu_ops() is not None)
 
 
 def _no_second_derivative() -> None:
@@ -218,11 +230,12 @@ class _RotaryQKV(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         ctx.n_q, ctx.n_kv = n_q, n_kv
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros to rotate
-        ops = ctx.ops = fused_cpu_ops() if cos.dtype == qkv.dtype else None  # the backward follows the forward
+        fits = cos.dtype == torch.float32 and qkv.dtype in (torch.float32, torch.bfloat16)
+        ops = ctx.ops = fused_cpu_ops() if fits else None  # the backward follows the forward
         if ops is not None:
             qk = ops.rotary_qk_forward(qkv, cos, sin, n_q + n_kv)
         else:
-            qk = _rotate(qkv[:, :, :n_q + n_kv], cos, sin, 1.0)
+            qk = _rotate(qkv[:, :, :n_q + n_kv], cos, sin, 1.0).to(qkv.dtype)
         q, k = qk.split((n_q, n_kv), dim=2)
         return q, k, qkv[:, :, n_q + n_kv:]
 
@@ -236,6 +249,7 @@ class _RotaryQKV(torch.autograd.Function):
         if ctx.ops is not None:
             grad = ctx.ops.rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin, B, T, n_q, n_kv, head_dim)
             return grad, None, None, None, None
+        cos, sin = cos.to(like.dtype), sin.to(like.dtype)
         grad = torch.empty(B, T, n_q + 2 * n_kv, head_dim, dtype=like.dtype, device=like.device)
         into_q, into_k, into_v = grad.split((n_q, n_kv, n_kv), dim=2)
         for g, into in ((grad_q, into_q), (grad_k, into_k)):
@@ -351,7 +365,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hand_written_backward(x):
+        if hand_written_backward(x) or (x.dtype == self.weight.dtype == torch.float32 and fused_under_autocast(x)):
             return _RMSNorm.apply(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
         return self.weight * normed
@@ -432,10 +446,10 @@ class GroupedQueryAttention(nn.Module):
         keys/values are written into it at [start_pos, start_pos + T) and all cached ones attended."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        if hand_written_backward(qkv):  # (B, T, n, hd) each
+        if hand_written_backward(qkv) or (qkv.dtype == torch.bfloat16 and fused_under_autocast(qkv)):
             half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout)
-            cos, sin = cos[:, None, :half].to(qkv.dtype), sin[:, None, :half].to(qkv.dtype)  # q, k stay fp32
-            q, k, v = _RotaryQKV.apply(qkv, cos, sin, self.num_heads, self.num_kv_heads)
+            cos, sin = cos[:, None, :half].float(), sin[:, None, :half].float()  # fp32, as apply_rotary computes
+            q, k, v = _RotaryQKV.apply(qkv, cos, sin, self.num_heads, self.num_kv_heads)  # (B, T, n, hd) each
         else:
             qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
             # q and k heads are rotated together: one set of elementwise ops instead of two
@@ -481,7 +495,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up_proj(x)  # (B, T, 2 x intermediate): gate | up
-        if hand_written_backward(h):
+        if hand_written_backward(h) or (h.dtype == torch.bfloat16 and fused_under_autocast(h)):
             return self.down_proj(_SiluMul.apply(h))
         gate, up = h.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -49,7 +49,8 @@ def _regime(strategy: str, world: int, precision: str) -> str:
 
 
 def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = False,
-                               device: str = "cuda", compile_model: bool = False) -> dict[str, int]:
+                               device: str = "cuda", compile_model: bool = False,
+                               precision: str = "bf16") -> dict[str, int]:
     """Bytes per token that a forward pass keeps for the backward pass (autograd's saved tensors,
     counted by storage), read off raylm/model.py op by op and checked with saved_tensors_hooks:
 
@@ -67,8 +68,10 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      memory-efficient kernel); the output s·q (o_proj's input is a view of it);
                      logsumexp 4·num_heads
       SwiGLU         gate|up output s·2I, silu(gate) s·I, their product s·I  -> 4·s·I; 3·s·I
-                     on CPU in fp32 eager mode with raylm's fused kernels (raylm/cpu_kernels.py),
-                     whose backward recomputes silu(gate); compile_model: the plain ops, 4·s·I
+                     on CPU in eager fp32 or bf16 autocast with raylm's fused kernels
+                     (raylm/cpu_kernels.py), whose backward recomputes silu(gate); compile_model:
+                     the plain ops, 4·s·I. Under bf16 autocast their RMSNorm keeps its fp32 input
+                     but not the normed tensor: 6h
       layer          2 x RMSNorm + attention + SwiGLU
       checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h;
                      in the backward pass one block at a time is recomputed ("recompute": its
@@ -88,15 +91,17 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
     if device == "cpu" and regime == "fp32":  # raylm.model.hand_written_backward: normed, not the input
         norm -= 4 * h
+    fused = False  # raylm's fused CPU kernels (raylm/cpu_kernels.py): eager fp32, and eager bf16 autocast
+    if device == "cpu" and not compile_model and (regime == "fp32" or (regime == "autocast" and precision == "bf16")):
+        from raylm.cpu_kernels import fused_cpu_kernels_expected
+
+        fused = fused_cpu_kernels_expected()  # decided without building them: planning has no side effects
+    if fused and regime == "autocast":  # the fp32 input, not the normed tensor (+ the matmul's 16-bit copy)
+        norm -= 4 * h
     repeat_kv = s == 4 and kv != q and device != "cpu"  # as GroupedQueryAttention.forward decides
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)
     attention = s * (q + kv) + kv_saved + s * q + 4 * c.num_heads
-    swiglu = 4 * s * I
-    if device == "cpu" and regime == "fp32" and not compile_model:
-        from raylm.cpu_kernels import fused_cpu_kernels_expected
-
-        if fused_cpu_kernels_expected():  # decided without building them: planning has no side effects
-            swiglu = 3 * s * I
+    swiglu = 3 * s * I if fused else 4 * s * I  # the fused backward recomputes silu(gate)
     layer = 2 * norm + attention + swiglu
     residual = 2 * h if regime == "fsdp_mixed" else 4 * h
     return {"layer": layer, "stored_per_layer": residual if act_ckpt else layer,
@@ -147,7 +152,7 @@ def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, worl
     P, L = n["total"], model_cfg.num_layers
     s = 4 if precision == "off" else 2
     shard = world if sharded else 1
-    t = activation_bytes_per_token(model_cfg, regime, act_ckpt, device, compile_model)
+    t = activation_bytes_per_token(model_cfg, regime, act_ckpt, device, compile_model, precision)
     tokens = micro_batch * seq_len
     stored = L * t["stored_per_layer"]
     accumulating = accumulation_steps > 1

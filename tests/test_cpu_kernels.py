@@ -86,9 +86,85 @@ def test_rotary_matches_the_rotation_and_its_inverse(ops, head_dim):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,width", [(3, 37), (4096, 83)])
+def test_bf16_swiglu_is_the_fp32_maths_rounded_once(ops, rows, width):
+    """In bf16 (CPU autocast) the kernels load bf16, compute in fp32 and round the result once: within one
+    bf16 rounding of the fp32 result on the same inputs."""
+    torch.manual_seed(0)
+    h = (torch.randn(rows, 2 * width) * 4).bfloat16()
+    grad = torch.randn(rows, width).bfloat16()
+    h32 = h.float().requires_grad_()
+    gate, up = h32.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    (expected_grad,) = torch.autograd.grad(expected, h32, grad.float())
+    out, out_grad = ops.swiglu_forward(h), ops.swiglu_backward(grad, h)
+    assert out.dtype == out_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.detach().bfloat16(), rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(out_grad, expected_grad.bfloat16(), rtol=8e-3, atol=1e-5)
+
+
+@needs_kernels
+def test_bf16_rotary_is_the_fp32_rotation_rounded_once(ops):
+    torch.manual_seed(0)
+    B, T, n_q, n_kv, head_dim = 8, 128, 4, 2, 40
+    angles = torch.randn(T, head_dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    qkv = torch.randn(B, T, n_q + 2 * n_kv, head_dim).bfloat16()
+    expected = _rotate(qkv[:, :, :n_q + n_kv].float(), cos[:, None], sin[:, None]).bfloat16()
+    out = ops.rotary_qk_forward(qkv, cos, sin, n_q + n_kv)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=8e-3, atol=1e-5)
+    grads = [torch.randn(B, heads, T, head_dim).bfloat16().transpose(1, 2) for heads in (n_q, n_kv, n_kv)]
+    back = ops.rotary_qkv_backward(*grads, cos, sin, B, T, n_q, n_kv, head_dim)
+    assert back.dtype == torch.bfloat16
+    inverse = _rotate(torch.cat(grads[:2], dim=2).float(), cos[:, None], -sin[:, None]).bfloat16()
+    torch.testing.assert_close(back[:, :, :n_q + n_kv], inverse, rtol=8e-3, atol=1e-5)
+    assert torch.equal(back[:, :, n_q + n_kv:], grads[2])  # v's gradient copied as it is
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        ops.rotary_qkv_backward(grads[0], grads[1].float(), None, cos, sin, B, T, n_q, n_kv, head_dim)
+
+
+@needs_kernels
+def test_bf16_autocast_runs_the_kernels_with_the_values_of_pytorchs_operators(ops, monkeypatch):
+    """`--mixed_precision bf16` on CPU: RMSNorm (fp32 residual in), SwiGLU and the rotary embedding (bf16
+    in) run as the kernels, and the loss and every gradient agree with PyTorch's operators to bf16's
+    precision (the kernels round once where the operators round after each step)."""
+    from torch.profiler import profile
+
+    from raylm.model import LLMModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLMModel(ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 max_seq_len=64, tie_embeddings=False)).train()
+    ids = torch.randint(0, 97, (3, 64), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        model.zero_grad()
+        with profile() as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                _, loss = model(ids, labels=ids)
+            loss.backward()
+        ran = {e.key for e in prof.key_averages() if e.key.startswith("raylm_cpu::")}
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, ran
+
+    loss, grads, ran = step()
+    assert ran == {f"raylm_cpu::{op}" for op in ("rms_norm_forward", "rms_norm_backward", "swiglu_forward",
+                                                  "swiglu_backward", "rotary_qk_forward", "rotary_qkv_backward")}
+    monkeypatch.setenv("RAYLM_FUSED_CPU_KERNELS", "0")
+    plain_loss, plain_grads, plain_ran = step()
+    assert not plain_ran
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-2, atol=0)
+    for name, grad in grads.items():
+        error = (grad - plain_grads[name]).norm() / plain_grads[name].norm()
+        assert error < 0.03, (name, error.item())
+
+
+@needs_kernels
 def test_kernels_refuse_other_dtypes_with_a_clear_error(ops):
-    with pytest.raises(RuntimeError, match="must be float32"):
-        ops.swiglu_forward(torch.zeros(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="must be float32 or bfloat16, got Half"):
+        ops.swiglu_forward(torch.zeros(2, 8, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="must be float32, got BFloat16"):  # RMSNorm: fp32 only (autocast's input)
+        ops.rms_norm_forward(torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-5)
 
 
 @needs_kernels

@@ -161,9 +161,11 @@ def _load():
                 cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=_openmp_link_flags(),
                                    build_directory=str(build_dir), is_python_module=False, verbose=False)
         except Exception as error:
-            reason = _last_line(error)
+            from raylm.storage import atomic_write_text  # only on failure: pyarrow stays out of model imports
+
+            reason = _telling_line(error)
             with contextlib.suppress(OSError):
-                _atomic_write(failed, reason + "\n")
+                atomic_write_text(failed, reason + "\n")
             raise RuntimeError(f"{reason} (delete {build_dir} to try again)") from error
     if fresh:
         print(f"raylm: fused CPU kernels compiled in {time.perf_counter() - started:.0f} s", flush=True)
@@ -174,7 +176,7 @@ class _NotForThisCPU(Exception):
     """The kernels are not built for this CPU: the plain ops run, without a warning."""
 
 
-def _last_line(error: BaseException) -> str:
+def _telling_line(error: BaseException) -> str:
     """The line of a build's output that says what went wrong (the compiler's first error, or a missing
     program), rather than ninja's closing "build stopped"."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -187,10 +189,8 @@ def _last_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line[:300]}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") == "0"
 
 
 def fused_cpu_ops():
@@ -198,7 +198,7 @@ def fused_cpu_ops():
     rotary_qkv_backward), compiled and loaded on the first call; None where they cannot be (the reason
     is warned once per process), on CPUs they are not built for, or while RAYLM_FUSED_CPU_KERNELS=0."""
     global _ops, _failure
-    if os.environ.get(ENV_SWITCH, "1") == "0":  # read at every call: it also turns loaded kernels off
+    if _switched_off():  # read at every call: it also turns loaded kernels off
         return None
     if _ops is not None or _failure is not None:
         return _ops
@@ -209,19 +209,20 @@ def fused_cpu_ops():
             except _NotForThisCPU as reason:
                 _failure = str(reason)
             except Exception as error:  # no compiler, no ninja, a compiler that rejects the flags, ...
-                _failure = str(error) if isinstance(error, RuntimeError) else _last_line(error)
+                _failure = str(error) if isinstance(error, RuntimeError) else _telling_line(error)
                 warnings.warn(
                     f"raylm: the fused CPU kernels are unavailable ({_failure}). Training on CPU runs the same "
-                    f"maths as separate PyTorch ops instead, a few per cent slower. A C++ compiler (g++) and "
-                    f"ninja give them; {ENV_SWITCH}=0 skips the attempt.",
+                    f"maths as separate PyTorch ops instead, slower (a few per cent in fp32, about a fifth in "
+                    f"bf16). A C++ compiler (g++) and ninja give them; {ENV_SWITCH}=0 skips the attempt.",
                     RuntimeWarning, stacklevel=2)
     return _ops
 
 
 def fused_cpu_kernels_expected() -> bool:
-    """Whether fp32 eager CPU training here will run the fused kernels, without building them (for the
-    memory planner): loaded already, or not switched off, built for this CPU, and not known to fail."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    """Whether eager CPU training here (fp32 or bf16 autocast) will run the fused kernels, without building
+    them (for the memory planner): loaded already, or not switched off, built for this CPU, and not known
+    to fail."""
+    if _switched_off():
         return False
     if _ops is not None or _failure is not None:
         return _ops is not None
@@ -231,7 +232,7 @@ def fused_cpu_kernels_expected() -> bool:
 
 def fused_cpu_kernels_status() -> str:
     """'on', 'off (RAYLM_FUSED_CPU_KERNELS=0)' or 'unavailable: <why>', after trying to load them."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if _switched_off():
         return f"off ({ENV_SWITCH}=0)"
     return "on" if fused_cpu_ops() is not None else f"unavailable: {_failure}"
 

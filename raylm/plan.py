@@ -88,15 +88,13 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     h, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     s = 4 if regime == "fp32" else 2
-    norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
-    if device == "cpu" and regime == "fp32":  # raylm.model.hand_written_backward: normed, not the input
-        norm -= 4 * h
     fused = False  # raylm's fused CPU kernels (raylm/cpu_kernels.py): eager fp32, and eager bf16 autocast
     if device == "cpu" and not compile_model and (regime == "fp32" or (regime == "autocast" and precision == "bf16")):
         from raylm.cpu_kernels import fused_cpu_kernels_expected
 
         fused = fused_cpu_kernels_expected()  # decided without building them: planning has no side effects
-    if fused and regime == "autocast":  # the fp32 input, not the normed tensor (+ the matmul's 16-bit copy)
+    norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
+    if device == "cpu" and (regime == "fp32" or fused):  # raylm.model's _RMSNorm keeps its input or normed, not both
         norm -= 4 * h
     repeat_kv = s == 4 and kv != q and device != "cpu"  # as GroupedQueryAttention.forward decides
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)

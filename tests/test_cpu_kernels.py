@@ -227,21 +227,14 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def _folder_for(source, root):
+def _folder_for(source, root, monkeypatch):
     """The build folder raylm.cpu_kernels picks for `source` under `root` (computed as a child process will)."""
     import raylm.cpu_kernels as kernels
 
-    before, kernels.SOURCE = kernels.SOURCE, source
-    old_root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "SOURCE", source)
+        patch.setenv("TORCH_EXTENSIONS_DIR", str(root))
         return kernels._build_dir(kernels._compile_flags())
-    finally:
-        kernels.SOURCE = before
-        if old_root is None:
-            os.environ.pop("TORCH_EXTENSIONS_DIR")
-        else:
-            os.environ["TORCH_EXTENSIONS_DIR"] = old_root
 
 
 _TRY = """
@@ -271,11 +264,11 @@ def test_processes_building_at_once_all_report_the_compilers_error(tmp_path):
 
 
 @needs_kernels
-def test_a_build_folder_others_can_write_to_is_refused(tmp_path):
+def test_a_build_folder_others_can_write_to_is_refused(tmp_path, monkeypatch):
     """A shared TORCH_EXTENSIONS_DIR that other users can write to could hand this process their library."""
     source = tmp_path / "fused_cpu.cpp"
     source.write_text("// never compiled\n")
-    folder = _folder_for(source, tmp_path / "shared")
+    folder = _folder_for(source, tmp_path / "shared", monkeypatch)
     folder.mkdir(parents=True)
     folder.chmod(0o777)
     result = _run(_TRY.format(source=str(source)), {"TORCH_EXTENSIONS_DIR": str(tmp_path / "shared")})
@@ -284,7 +277,7 @@ def test_a_build_folder_others_can_write_to_is_refused(tmp_path):
 
 
 @needs_kernels
-def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tmp_path):
+def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tmp_path, monkeypatch):
     """A compiler that rejects the source: a warning that says what to do, training on with the plain
     ops (the same loss), and later processes skip the attempt (its seconds) but still say why."""
     broken = tmp_path / "fused_cpu.cpp"
@@ -309,7 +302,7 @@ def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tm
         print("LOSS", round(loss.item(), 6))
     """
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
-    folder = _folder_for(broken, tmp_path / "builds")
+    folder = _folder_for(broken, tmp_path / "builds", monkeypatch)
     folder.mkdir(parents=True)
     (folder / "lock").write_text("")  # torch's build lock, as a build killed half-way leaves it: no hang
     first = _run(code, env)

@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": f"CPU x{os.cpu_count()}", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "hf_attn_implementation": "sdpa", "isolation": args.isolation,
                "precisions": args.precisions,
-               # what runs raylm's RMSNorm, SwiGLU and rotary embedding in eager fp32 (RAYLM_FUSED_CPU_KERNELS=0: the
-               # PyTorch-operator versions, for an A/B)
-               "raylm_eager_fp32_kernels": describe_cpu_kernels(),
+               # what runs raylm's RMSNorm, SwiGLU and rotary embedding, eager and compiled, fp32 and bf16
+               # (RAYLM_FUSED_CPU_KERNELS=0, for an A/B: the PyTorch-operator versions in eager fp32, the plain
+               # operators elsewhere)
+               "raylm_cpu_kernels": describe_cpu_kernels(),
                "runs": []}
     t0 = time.perf_counter()
     for size_name in args.sizes:
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; each model in "
           f"{'a process of its own' if args.isolation == 'process' else 'this one process'}; load average "
           f"{load_before:.1f} before, {results['load_average'][1]:.1f} after")
-    print(f"raylm's RMSNorm, SwiGLU and rotary kernels in eager fp32: {results['raylm_eager_fp32_kernels']}")
+    print(f"raylm's RMSNorm, SwiGLU and rotary kernels: {results['raylm_cpu_kernels']}")
     print(f"{'size':9s} {'mode':8s} {'prec':5s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} "
           f"{'HF tok/s':>10s} {'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s} {'faults/step':>13s}  first loss raylm / HF")
     for r in results["runs"]:

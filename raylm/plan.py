@@ -60,8 +60,8 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      8h (fsdp_mixed: fp32 upcast + two 16-bit tensors); + 4 bytes of rstd.
                      On CPU in fp32 raylm/model.py's _RMSNorm keeps the normed tensor instead
                      of its input (or, with the fused kernels, its input but not the normed
-                     tensor): 8h. That is eager mode, the default; --compile_model runs the
-                     plain ops, 4h more per norm
+                     tensor): 8h. Compiled code too, with the kernels or without (inductor
+                     then recomputes the normed tensor in the backward)
       attention      q and k, views of one rotated tensor s·(q + kv); v, a view that keeps the
                      fused qkv output s·(q + 2kv) alive; except on GPU in fp32, where k and v are
                      repeated to every query head (s·q each; raylm/model.py does so to keep the
@@ -69,9 +69,10 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      logsumexp 4·num_heads
       SwiGLU         gate|up output s·2I, silu(gate) s·I, their product s·I  -> 4·s·I; 3·s·I
                      on CPU in eager fp32 or bf16 autocast with raylm's fused kernels
-                     (raylm/cpu_kernels.py), whose backward recomputes silu(gate); compile_model:
-                     the plain ops, 4·s·I. Under bf16 autocast their RMSNorm keeps its fp32 input
-                     but not the normed tensor: 6h
+                     (raylm/cpu_kernels.py), whose backward recomputes silu(gate), and in
+                     compiled code on CPU with or without them (inductor recomputes it too).
+                     Under bf16 autocast their RMSNorm keeps its fp32 input but not the normed
+                     tensor: 6h
       layer          2 x RMSNorm + attention + SwiGLU
       checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h;
                      in the backward pass one block at a time is recomputed ("recompute": its
@@ -88,13 +89,16 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     h, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     s = 4 if regime == "fp32" else 2
-    fused = False  # raylm's fused CPU kernels (raylm/cpu_kernels.py): eager fp32, and eager bf16 autocast
-    if device == "cpu" and not compile_model and (regime == "fp32" or (regime == "autocast" and precision == "bf16")):
+    # Saved as raylm's fused CPU kernels save (raylm/cpu_kernels.py), in fp32 and bf16 autocast: where they run,
+    # and in compiled code even where they do not (inductor's partitioner recomputes the normed tensor and
+    # silu(gate) in the backward: the same bytes, measured)
+    fused = False
+    if device == "cpu" and (regime == "fp32" or (regime == "autocast" and precision == "bf16")):
         from raylm.cpu_kernels import fused_cpu_kernels_expected
 
-        fused = fused_cpu_kernels_expected()  # decided without building them: planning has no side effects
+        fused = compile_model or fused_cpu_kernels_expected()  # decided without building them: no side effects
     norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
-    if device == "cpu" and (regime == "fp32" or fused):  # raylm.model's _RMSNorm keeps its input or normed, not both
+    if device == "cpu" and (fused or regime == "fp32"):  # its input or normed, not both (the PyTorch-op versions too)
         norm -= 4 * h
     repeat_kv = s == 4 and kv != q and device != "cpu"  # as GroupedQueryAttention.forward decides
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)
@@ -291,11 +295,13 @@ def plan(cfg) -> dict:
 
 
 def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, precision: str = "off",
-                 act_ckpt: bool = False, device: str = "cpu", micro_steps: int = 2, seed: int = 0) -> int:
+                 act_ckpt: bool = False, device: str = "cpu", micro_steps: int = 2, seed: int = 0,
+                 compile_model: bool = False) -> int:
     """Peak bytes of one training step of a single-worker model, measured, not estimated: the loop of
     raylm/train.py (micro_steps forward/backward passes under autocast when precision is bf16/fp16,
     clipping, an AdamW step), after one warm-up step so the optimizer state exists. The loss is the
     full-logits one (`--loss_chunking off`) that estimate_memory models; the default chunked loss needs less.
+    compile_model: the model through torch.compile (compiled in the warm-up step).
 
     CUDA: torch.cuda.max_memory_allocated over the step (everything the caching allocator handed out).
     CPU: there is no allocator high-water mark, so: the bytes that exist before the step (weights,
@@ -317,10 +323,12 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
     batches = [torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), generator=g).to(dev)
                for _ in range(micro_steps)]
 
+    runner = torch.compile(model) if compile_model else model
+
     def step():
         for ids in batches:
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                _, loss = model(ids, labels=ids, loss_reduction="sum")  # the full-logits loss, as estimate_memory models
+                _, loss = runner(ids, labels=ids, loss_reduction="sum")  # the full-logits loss, as estimate_memory models
             (loss / ids.numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

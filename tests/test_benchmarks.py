@@ -28,7 +28,7 @@ EXPECTED = {
                        "target raylm >= 1.1x HF in every fp32 pairing:",
                        "smoke eager fp32, raylm: Profile of 1 step(s): CPU operator self time",
                        "smoke eager bf16, transformers: Profile of 1 step(s)", "  matmul  ",
-                       "raylm's RMSNorm, SwiGLU and rotary kernels in eager fp32: fused (raylm/csrc/fused_cpu.cpp)",
+                       "raylm's RMSNorm, SwiGLU and rotary kernels: fused (raylm/csrc/fused_cpu.cpp)",
                        "fused elementwise (raylm's CPU kernels)"],
     "bench_prepare.py": ["raylm prepare, bpe vocab 400", "ceiling", "peak PSS MB"],
     "bench_prepare_scaling.py": ["raylm prepare scaling:", "ceiling MB/s", "scaling bpe 1 -> 2 workers:",

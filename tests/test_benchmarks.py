@@ -30,6 +30,8 @@ EXPECTED = {
                        "smoke eager bf16, transformers: Profile of 1 step(s)", "  matmul  ",
                        "raylm's RMSNorm, SwiGLU and rotary kernels: fused (raylm/csrc/fused_cpu.cpp)",
                        "fused elementwise (raylm's CPU kernels)"],
+    "bench_cpu_kernels.py": ["bench_cpu_kernels: CPU", "smoke     eager    fp32  on ", "smoke     compiled fp32  on ",
+                             "kernels when on: fused (raylm/csrc/fused_cpu.cpp)", "on/off: median tokens/s"],
     "bench_prepare.py": ["raylm prepare, bpe vocab 400", "ceiling", "peak PSS MB"],
     "bench_prepare_scaling.py": ["raylm prepare scaling:", "ceiling MB/s", "scaling bpe 1 -> 2 workers:",
                                  "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],

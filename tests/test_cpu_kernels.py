@@ -184,6 +184,29 @@ def test_rms_norm_weight_gradient_is_the_same_sum_on_any_number_of_threads(ops, 
 
 
 @needs_kernels
+def test_registered_shapes_match_what_the_kernels_return(ops):
+    """What torch.compile traces (each op's registered fake implementation: shapes, dtypes, strides)
+    is what the kernels return, for every op, in fp32 and bf16, with and without the optional parts."""
+    torch.manual_seed(0)
+    B, T, n_q, n_kv, D = 2, 5, 4, 2, 8
+    cos, sin = torch.randn(T, 1, D // 2), torch.randn(T, 1, D // 2)
+    x, weight = torch.randn(B, T, 24), torch.rand(24)
+    out, rstd = ops.rms_norm_forward(x, weight, 1e-5)
+    calls = [(ops.rms_norm_forward, (x, weight, 1e-5))]
+    calls += [(ops.rms_norm_backward, (torch.randn_like(x), x, weight, rstd, grads)) for grads in (True, False)]
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.randn(B, T, 2 * 12, dtype=dtype)
+        qkv = torch.randn(B, T, n_q + 2 * n_kv, D, dtype=dtype)
+        grads = [torch.randn(B, T, heads, D, dtype=dtype) for heads in (n_q, n_kv, n_kv)]
+        calls += [(ops.swiglu_forward, (h,)), (ops.swiglu_backward, (torch.randn(B, T, 12, dtype=dtype), h)),
+                  (ops.rotary_qk_forward, (qkv, cos, sin, n_q + n_kv)),
+                  (ops.rotary_qkv_backward, (*grads, cos, sin, B, T, n_q, n_kv, D)),
+                  (ops.rotary_qkv_backward, (grads[0], None, grads[2], cos, sin, B, T, n_q, n_kv, D))]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernels
 def test_kernels_share_pytorchs_openmp_runtime(ops):
     """Linked against the OpenMP library PyTorch loaded: one runtime, one pool of threads."""
     with open("/proc/self/maps") as maps:
@@ -283,9 +306,11 @@ def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tm
     broken = tmp_path / "fused_cpu.cpp"
     broken.write_text("#error this compiler cannot build the kernels\n")
     code = f"""
-        import warnings, torch
+        import os, warnings, torch
         import raylm.cpu_kernels as kernels
         kernels.SOURCE = kernels.Path({str(broken)!r})
+        path_before = os.environ.get("PATH")
+        print("EXPECTED", kernels.fused_cpu_kernels_expected())  # the planner's question: never builds
         from raylm.model import LLMModel, ModelConfig
         torch.manual_seed(0)
         model = LLMModel(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -300,6 +325,7 @@ def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tm
         print("MESSAGE", [str(w.message) for w in caught][:1])
         print("STATUS", kernels.fused_cpu_kernels_status())
         print("LOSS", round(loss.item(), 6))
+        print("PATH KEPT", os.environ.get("PATH") == path_before)  # ninja's folder was on it for the build only
     """
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "builds")}
     folder = _folder_for(broken, tmp_path / "builds", monkeypatch)
@@ -313,11 +339,13 @@ def test_a_failed_build_warns_once_trains_with_pytorch_ops_and_is_not_retried(tm
     assert f"delete {tmp_path / 'builds'}" in first.stdout  # and what to delete once it is fixed
     assert "A C++ compiler (g++) and ninja" in first.stdout and "RAYLM_FUSED_CPU_KERNELS=0" in first.stdout
     assert "STATUS unavailable" in first.stdout
+    assert "EXPECTED True" in first.stdout and "PATH KEPT True" in first.stdout
     assert list((tmp_path / "builds").rglob("FAILED"))
 
     second = _run(code, env)
     assert second.returncode == 0, second.stderr
     assert "compiling the fused CPU kernels" not in second.stdout  # not tried again
+    assert "EXPECTED False" in second.stdout  # the FAILED marker, read without building
     assert "an earlier build failed: RuntimeError: " in second.stdout and "error: #error" in second.stdout
     assert f"delete {tmp_path / 'builds'}" in second.stdout and "to try again" in second.stdout
     assert "WARNINGS 1" in second.stdout

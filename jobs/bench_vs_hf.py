@@ -5,6 +5,7 @@
     python jobs/bench_vs_hf.py --sizes small-ish --modes eager --profile_steps 3   # and where the time goes
     python jobs/bench_vs_hf.py --smoke               # seconds; what the tests run
     RAYLM_FUSED_CPU_KERNELS=0 python jobs/bench_vs_hf.py --sizes small-ish --modes eager  # raylm without its C++ kernels
+    python jobs/bench_cpu_kernels.py                 # raylm alone, its kernels on and off: the A/B
 
 Both models get the same shapes (raylm.export.config_to_hf turns the raylm config into the
 LlamaConfig: hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings, rope theta,
@@ -320,9 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": f"CPU x{os.cpu_count()}", "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "hf_attn_implementation": "sdpa", "isolation": args.isolation,
                "precisions": args.precisions,
-               # what runs raylm's RMSNorm, SwiGLU and rotary embedding, eager and compiled, fp32 and bf16
-               # (RAYLM_FUSED_CPU_KERNELS=0, for an A/B: the PyTorch-operator versions in eager fp32, the plain
-               # operators elsewhere)
+               # what runs raylm's RMSNorm, SwiGLU and rotary embedding in eager mode, fp32 and bf16
+               # (RAYLM_FUSED_CPU_KERNELS=0: the PyTorch-operator versions in fp32, PyTorch's operators in bf16;
+               # compiled code always runs PyTorch's operators; jobs/bench_cpu_kernels.py is the A/B)
                "raylm_cpu_kernels": describe_cpu_kernels(),
                "runs": []}
     t0 = time.perf_counter()
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.windows} interleaved windows of {args.steps_per_window} steps, medians; each model in "
           f"{'a process of its own' if args.isolation == 'process' else 'this one process'}; load average "
           f"{load_before:.1f} before, {results['load_average'][1]:.1f} after")
-    print(f"raylm's RMSNorm, SwiGLU and rotary kernels: {results['raylm_cpu_kernels']}")
+    print(f"raylm's RMSNorm, SwiGLU and rotary kernels in eager mode: {results['raylm_cpu_kernels']}")
     print(f"{'size':9s} {'mode':8s} {'prec':5s} {'params':>8s} {'tokens/step':>11s} {'raylm tok/s':>12s} "
           f"{'HF tok/s':>10s} {'raylm/HF':>8s} {'paired':>6s} {'best':>6s} {'per CPU-s':>9s} {'faults/step':>13s}  first loss raylm / HF")
     for r in results["runs"]:

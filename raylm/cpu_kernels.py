@@ -3,10 +3,9 @@
 On a CPU the elementwise parts of a Llama block (SwiGLU, RMSNorm, the rotary embedding) cost what their
 passes over memory cost: each separate PyTorch op reads and writes whole activations. The C++ kernels do
 each part, forward or backward, in one pass, vectorised with PyTorch's own vector type and run on its
-threads. raylm/model.py uses them in CPU training in fp32 (`hand_written_backward`) and under bf16
-autocast (`fused_under_autocast`: bf16 storage, fp32 arithmetic), in eager mode and in compiled code
-(each op's output shapes are registered, so torch.compile traces them and inductor calls them between
-its own fused loops); GPUs and fp16 keep the plain ops.
+threads. raylm/model.py uses them in eager CPU training in fp32 (`hand_written_backward`) and under bf16
+autocast (`fused_under_autocast`: bf16 storage, fp32 arithmetic); compiled models fuse the same ops with
+inductor, and GPUs and fp16 keep the plain ops.
 
 The kernels are built with torch.utils.cpp_extension the first time a process needs them: about 10 s on
 2 cores, then kept in the user's ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR), one build per kernel
@@ -170,40 +169,7 @@ def _load():
             raise RuntimeError(f"{reason} (delete {build_dir} to try again)") from error
     if fresh:
         print(f"raylm: fused CPU kernels compiled in {time.perf_counter() - started:.0f} s", flush=True)
-    _register_shapes()
     return torch.ops.raylm_cpu
-
-
-def _register_shapes() -> None:
-    """Each op's output shapes and dtypes without running it (its "fake" implementation), which is what
-    torch.compile traces: with these, compiled graphs call the kernels as they stand (inductor runs them
-    between its own fused loops) instead of falling back to Python around them. Mirrors fused_cpu.cpp: all
-    outputs are new contiguous tensors."""
-    def like(t: torch.Tensor, shape, dtype=None) -> torch.Tensor:
-        return t.new_empty(tuple(shape), dtype=dtype or t.dtype)
-
-    def swiglu_forward(h):
-        return like(h, (*h.shape[:-1], h.shape[-1] // 2))
-
-    def swiglu_backward(grad, h):
-        return like(h, h.shape)
-
-    def rms_norm_forward(x, weight, eps):
-        return like(x, x.shape), like(x, (*x.shape[:-1], 1))
-
-    def rms_norm_backward(grad, x, weight, rstd, weight_grad):
-        return like(x, x.shape), like(x, weight.shape if weight_grad else (0,))
-
-    def rotary_qk_forward(qkv, cos, sin, n_rotated):
-        return like(qkv, (*qkv.shape[:2], n_rotated, qkv.shape[3]))
-
-    def rotary_qkv_backward(grad_q, grad_k, grad_v, cos, sin, B, T, n_q, n_kv, D):
-        given = [g for g in (grad_q, grad_k, grad_v) if g is not None]
-        return like(cos, (B, T, n_q + 2 * n_kv, D), given[0].dtype if given else torch.float32)
-
-    for fake in (swiglu_forward, swiglu_backward, rms_norm_forward, rms_norm_backward, rotary_qk_forward,
-                 rotary_qkv_backward):
-        torch.library.register_fake(f"raylm_cpu::{fake.__name__}", fake)
 
 
 class _NotForThisCPU(Exception):
@@ -272,7 +238,7 @@ def fused_cpu_kernels_status() -> str:
 
 
 def describe_cpu_kernels() -> str:
-    """What runs RMSNorm, SwiGLU and the rotary embedding of a CPU run in fp32 or bf16, for the banner."""
+    """What runs RMSNorm, SwiGLU and the rotary embedding of an eager CPU run in fp32 or bf16, for the banner."""
     status = fused_cpu_kernels_status()
     if status == "on":
         return "fused (raylm/csrc/fused_cpu.cpp)"

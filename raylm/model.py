@@ -170,37 +170,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # separate PyTorch ops as it can. Small-ish model (hidden 512, 8 layers), 2 cores, torch.profiler with
 # shapes recorded, per training step: 147 ms in those PyTorch-op versions, 71 ms in the fused kernels (54
 # ms in jobs/bench_vs_hf.py's lighter profile). Neither backward has a second derivative. Compiled code
-# calls the fused kernels too (inductor fuses the ops around them; it runs the plain ops where the kernels
-# are off, never the PyTorch-op versions). GPUs keep the plain ops, as raylm's GPU figures were measured,
-# and so does fp16. Under bf16 CPU autocast the fused kernels run too (fused_under_autocast; no PyTorch-op
-# versions there). Same values; RMSNorm saves 4 bytes per hidden unit less for the backward, and the
-# fused SwiGLU 4 bytes per intermediate unit less (raylm/plan.py counts both).
-
-
-@torch.compiler.assume_constant_result
-def fused_when_compiled() -> bool:
-    """Whether compiled code calls the fused kernels. torch.compile runs this once as it traces the model
-    (building the kernels first if need be) and keeps the answer in the compiled code: so
-    RAYLM_FUSED_CPU_KERNELS is read when a model is compiled, not at each call as in eager mode."""
-    return fused_cpu_ops() is not None
-
-
-def _fused_ops():
-    """torch.ops.raylm_cpu where the fused kernels run, else None (eager mode: the PyTorch-op versions)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.raylm_cpu if fused_when_compiled() else None
-    return fused_cpu_ops()
+# keeps the plain ops (inductor fuses them itself), and so do GPUs, where raylm's figures were measured
+# with the plain ops, and fp16. Under bf16 CPU autocast the fused kernels run too (fused_under_autocast;
+# no PyTorch-op versions there). Same values; RMSNorm saves 4 bytes per hidden unit less for the
+# backward, and the fused SwiGLU 4 bytes per intermediate unit less (raylm/plan.py counts both).
 
 
 def hand_written_backward(x: torch.Tensor) -> bool:
-    """Whether x's ops run as the functions below: fp32 on CPU without autocast, in eager mode with the
-    fused kernels or their PyTorch-op versions, in compiled code with the fused kernels only (inductor
-    fuses the plain ops better than it would the PyTorch-op versions). (Under bf16 autocast only the fused
-    kernels run them: fused_under_autocast. The PyTorch-op versions hold more temporaries than autograd's
-    in 16 bits, which the memory planner would have to model.)"""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return False
-    return not torch.compiler.is_compiling() or fused_when_compiled()
+    """Whether x's ops run as the functions below: fp32 in eager mode on CPU, without autocast, with the
+    fused kernels or their PyTorch-op versions. (Under bf16 autocast only the fused kernels do:
+    fused_under_autocast. The PyTorch-op versions hold more temporaries than autograd's in 16 bits, which
+    the memory planner would have to model.)"""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
 
 
 def fused_under_autocast(x: torch.Tensor) -> bool:
@@ -209,7 +191,8 @@ def fused_under_autocast(x: torch.Tensor) -> bool:
     products (SwiGLU, the rotary embedding), compute in fp32 and round once, where PyTorch's operators
     round after each. Only where the kernels are loaded (no PyTorch-op versions in 16 bits)."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and _fused_ops() is not None)
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+            and fused_cpu_ops() is not None)
 
 
 def _no_second_derivative() -> None:
@@ -218,7 +201,8 @@ def _no_second_derivative() -> None:
     out= operator or returning a wrong one."""
     if torch.is_grad_enabled():
         raise RuntimeError("raylm's hand-written CPU backward passes (RMSNorm, SwiGLU, rotary embedding) have no "
-                           "second derivative; the plain operators, which a GPU runs, have one")
+                           "second derivative: differentiate twice with the plain operators, which a compiled "
+                           "model or a GPU runs")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float,
@@ -247,7 +231,7 @@ class _RotaryQKV(torch.autograd.Function):
         ctx.n_q, ctx.n_kv = n_q, n_kv
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros to rotate
         fits = cos.dtype == torch.float32 and qkv.dtype in (torch.float32, torch.bfloat16)
-        ops = ctx.ops = _fused_ops() if fits else None  # the backward follows the forward
+        ops = ctx.ops = fused_cpu_ops() if fits else None  # the backward follows the forward
         if ops is not None:
             qk = ops.rotary_qk_forward(qkv, cos, sin, n_q + n_kv)
         else:
@@ -279,7 +263,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ops = ctx.ops = _fused_ops() if weight.dtype == x.dtype else None
+        ops = ctx.ops = fused_cpu_ops() if weight.dtype == x.dtype else None
         if ops is not None:  # one pass; the backward recomputes normed from x (kept alive by the residual)
             out, rstd = ops.rms_norm_forward(x, weight, eps)
             ctx.save_for_backward(x, weight, rstd)
@@ -313,7 +297,7 @@ class _SiluMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        ops = ctx.ops = _fused_ops()
+        ops = ctx.ops = fused_cpu_ops()
         if ops is not None:  # one pass; the backward recomputes silu(gate) instead of keeping it
             ctx.save_for_backward(h)
             return ops.swiglu_forward(h)

@@ -60,8 +60,8 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      8h (fsdp_mixed: fp32 upcast + two 16-bit tensors); + 4 bytes of rstd.
                      On CPU in fp32 raylm/model.py's _RMSNorm keeps the normed tensor instead
                      of its input (or, with the fused kernels, its input but not the normed
-                     tensor): 8h. Compiled code too, with the kernels or without (inductor
-                     then recomputes the normed tensor in the backward)
+                     tensor): 8h. Compiled code runs the plain ops, but inductor recomputes
+                     the normed tensor in the backward: 8h too (measured)
       attention      q and k, views of one rotated tensor s·(q + kv); v, a view that keeps the
                      fused qkv output s·(q + 2kv) alive; except on GPU in fp32, where k and v are
                      repeated to every query head (s·q each; raylm/model.py does so to keep the
@@ -70,9 +70,9 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
       SwiGLU         gate|up output s·2I, silu(gate) s·I, their product s·I  -> 4·s·I; 3·s·I
                      on CPU in eager fp32 or bf16 autocast with raylm's fused kernels
                      (raylm/cpu_kernels.py), whose backward recomputes silu(gate), and in
-                     compiled code on CPU with or without them (inductor recomputes it too).
+                     compiled code on CPU, whose plain ops inductor recomputes the same way.
                      Under bf16 autocast their RMSNorm keeps its fp32 input but not the normed
-                     tensor: 6h
+                     tensor: 6h (compiled: the same)
       layer          2 x RMSNorm + attention + SwiGLU
       checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h;
                      in the backward pass one block at a time is recomputed ("recompute": its
@@ -89,9 +89,9 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     h, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     s = 4 if regime == "fp32" else 2
-    # Saved as raylm's fused CPU kernels save (raylm/cpu_kernels.py), in fp32 and bf16 autocast: where they run,
-    # and in compiled code even where they do not (inductor's partitioner recomputes the normed tensor and
-    # silu(gate) in the backward: the same bytes, measured)
+    # Saved as raylm's fused CPU kernels save (raylm/cpu_kernels.py), in fp32 and bf16 autocast: in eager mode
+    # where they run, and in compiled code, which runs the plain ops but whose partitioner recomputes the normed
+    # tensor and silu(gate) in the backward (the same bytes, measured: tests/test_plan.py)
     fused = False
     if device == "cpu" and (regime == "fp32" or (regime == "autocast" and precision == "bf16")):
         from raylm.cpu_kernels import fused_cpu_kernels_expected

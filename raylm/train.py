@@ -682,7 +682,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}"
         f" | Compile: {cfg.compile_model}{' (' + cfg.compile_mode + ')' if cfg.compile_model else ''}"
         + (f" | Attention kernel: {cfg.attention_backend}" if device.type == "cuda" else ""))
-    if device.type == "cpu" and precision in ("off", "bf16"):  # raylm.model's fused ops, eager or compiled
+    if device.type == "cpu" and precision in ("off", "bf16") and not cfg.compile_model:  # raylm.model's fused ops
         from raylm.cpu_kernels import describe_cpu_kernels
 
         say(f"Norm, SwiGLU and rotary kernels: {describe_cpu_kernels()}")

@@ -184,29 +184,6 @@ def test_rms_norm_weight_gradient_is_the_same_sum_on_any_number_of_threads(ops, 
 
 
 @needs_kernels
-def test_registered_shapes_match_what_the_kernels_return(ops):
-    """What torch.compile traces (each op's registered fake implementation: shapes, dtypes, strides)
-    is what the kernels return, for every op, in fp32 and bf16, with and without the optional parts."""
-    torch.manual_seed(0)
-    B, T, n_q, n_kv, D = 2, 5, 4, 2, 8
-    cos, sin = torch.randn(T, 1, D // 2), torch.randn(T, 1, D // 2)
-    x, weight = torch.randn(B, T, 24), torch.rand(24)
-    out, rstd = ops.rms_norm_forward(x, weight, 1e-5)
-    calls = [(ops.rms_norm_forward, (x, weight, 1e-5))]
-    calls += [(ops.rms_norm_backward, (torch.randn_like(x), x, weight, rstd, grads)) for grads in (True, False)]
-    for dtype in (torch.float32, torch.bfloat16):
-        h = torch.randn(B, T, 2 * 12, dtype=dtype)
-        qkv = torch.randn(B, T, n_q + 2 * n_kv, D, dtype=dtype)
-        grads = [torch.randn(B, T, heads, D, dtype=dtype) for heads in (n_q, n_kv, n_kv)]
-        calls += [(ops.swiglu_forward, (h,)), (ops.swiglu_backward, (torch.randn(B, T, 12, dtype=dtype), h)),
-                  (ops.rotary_qk_forward, (qkv, cos, sin, n_q + n_kv)),
-                  (ops.rotary_qkv_backward, (*grads, cos, sin, B, T, n_q, n_kv, D)),
-                  (ops.rotary_qkv_backward, (grads[0], None, grads[2], cos, sin, B, T, n_q, n_kv, D))]
-    for op, args in calls:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-
-
-@needs_kernels
 def test_kernels_share_pytorchs_openmp_runtime(ops):
     """Linked against the OpenMP library PyTorch loaded: one runtime, one pool of threads."""
     with open("/proc/self/maps") as maps:

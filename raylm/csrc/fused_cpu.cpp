@@ -248,9 +248,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_in, 
       }
     }
   });
-  // without the weight's gradient: an empty tensor, not an undefined one (compiled graphs trace the op's
-  // output shapes; raylm/cpu_kernels.py registers them)
-  at::Tensor grad_weight = weight_grad ? partial.sum(0) : at::empty({0}, x.options());
+  at::Tensor grad_weight = weight_grad ? partial.sum(0) : at::Tensor();
   return {grad_x, grad_weight};
 }
 

@@ -77,8 +77,8 @@ def gpu_peak_flops(name: str) -> float | None:
 
 
 # What `--mixed_precision bf16` gained over fp32 on a CPU with AMX (jobs/bench_vs_hf.py --precisions fp32 bf16,
-# 2 cores of a Xeon with AMX, tiny and small-ish, eager 2.00x and 2.40x, compiled 2.12x and 2.63x, raylm's fused
-# CPU kernels in both precisions; README's performance table): said in the banner of fp32 runs on such CPUs.
+# 2 cores of a Xeon with AMX, tiny and small-ish, eager and compiled, raylm's fused CPU kernels in both
+# precisions: 1.87-2.63x over three runs; README's performance table): said in the banner of fp32 runs there.
 AMX_BF16_SPEEDUP = "trained 1.9-2.6x faster than fp32 on such a CPU (jobs/bench_vs_hf.py)"
 
 

@@ -11,9 +11,9 @@ The kernels are built with torch.utils.cpp_extension the first time a process ne
 2 cores, then kept in the user's ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR), one build per kernel
 source, PyTorch, Python and environment. They need a C++ compiler with OpenMP (g++) and ninja (a raylm
 dependency), and are built for x86 CPUs with AVX2 or AVX-512 (as PyTorch runs them); they run on PyTorch's
-own OpenMP threads. Elsewhere, and with
-RAYLM_FUSED_CPU_KERNELS=0, the same maths runs as separate PyTorch ops, a few per cent slower; a build
-that fails says why once per process (and later processes do not retry it).
+own OpenMP threads. Elsewhere, and with RAYLM_FUSED_CPU_KERNELS=0, the same maths runs as separate PyTorch
+ops, 4-10% slower in fp32 and about a fifth in bf16 (jobs/bench_cpu_kernels.py); a build that fails says
+why once per process (and later processes do not retry it).
 """
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def fused_cpu_ops():
                 _failure = str(error) if isinstance(error, RuntimeError) else _telling_line(error)
                 warnings.warn(
                     f"raylm: the fused CPU kernels are unavailable ({_failure}). Training on CPU runs the same "
-                    f"maths as separate PyTorch ops instead, slower (a few per cent in fp32, about a fifth in "
+                    f"maths as separate PyTorch ops instead, slower (4-10% in fp32, about a fifth in "
                     f"bf16). A C++ compiler (g++) and ninja give them; {ENV_SWITCH}=0 skips the attempt.",
                     RuntimeWarning, stacklevel=2)
     return _ops

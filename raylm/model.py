@@ -542,13 +542,6 @@ def loss_chunk_rows(device: torch.device, vocab_size: int) -> int:
     return max(GPU_LOSS_CHUNK_MIN_ROWS, GPU_LOSS_CHUNK_BYTES // (4 * vocab_size) // 256 * 256)
 
 
-@torch.library.custom_op("raylm::accumulate_product", mutates_args=("out",))
-def _accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b, in place. An op of its own so that compiled code keeps it in place: traced, an
-    in-place addmm_ becomes an addmm into a new tensor and a copy back (16 MB per chunk at 8k x 512)."""
-    out.addmm_(a, b)
-
-
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ weight.T, targets), never holding all the logits.
 
@@ -557,12 +550,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     inputs). The backward only scales those. A (B*T, vocab) logits tensor, its fp32 copy and its
     gradient are never made: less memory, and on CPU faster than the plain loss head (2k tokens,
     2 cores: 1.7x at hidden 256 and 8k vocab, 1.1x at 768 and 32k). Targets equal to IGNORE_INDEX
-    add nothing."""
+    add nothing.
+
+    Eager code writes the gradients in place, into one tensor each. Compiled code builds them without
+    mutating anything it saves for the backward: torch 2.11's torch.compile kept the tensors as they were
+    before the in-place writes, so the saved gradients were zeros and a compiled model did not learn
+    (torch 2.13 was right). Functional, the chunks' gradients are concatenated (the rows' gradients are held
+    twice for a moment) and the weight's are summed out of place (one (vocab, hidden) fp32 temporary per
+    chunk)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 with_grad: bool):
-        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        functional = torch.compiler.is_compiling()  # no in-place writes to what the backward gets (see above)
+        grad_hidden = torch.empty_like(hidden) if with_grad and not functional else None
+        hidden_grads = []  # the chunks' gradients for hidden, when functional
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device_type = hidden.device.type
@@ -578,18 +580,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe[:, None]).squeeze(1)
             exps = logits.exp_()  # in place: the logits are not needed any more
             sums = exps.sum(dim=-1)
-            loss += ((sums.log() - picked) * valid).sum()
+            loss = loss + ((sums.log() - picked) * valid).sum()
             if with_grad:
                 probs = exps.mul_((valid / sums)[:, None])  # softmax, and rows that add nothing zeroed
                 probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))  # minus one-hot (fp32)
                 low = probs.to(hidden.dtype)
-                grad_hidden[start:start + chunk] = low @ weight
+                if functional:
+                    hidden_grads.append(low @ weight)
+                else:
+                    grad_hidden[start:start + chunk] = low @ weight
                 if compute_dtype == torch.bfloat16:  # the product in bf16 (as autocast does), summed in fp32
-                    grad_weight.add_(low.t() @ h)
+                    grad_weight = grad_weight + low.t() @ h if functional else grad_weight.add_(low.t() @ h)
+                elif functional:
+                    grad_weight = torch.addmm(grad_weight, probs.t(), h.float())
                 else:  # fp32, in place (no (vocab, hidden) temporary per chunk); also for fp16, whose range a
                     # chunk's unscaled sum over thousands of rows could exceed (the loss scale cannot help here)
-                    _accumulate_product(grad_weight, probs.t(), h.float())
+                    grad_weight.addmm_(probs.t(), h.float())
         if with_grad:
+            if functional:
+                grad_hidden = torch.cat(hidden_grads) if hidden_grads else torch.empty_like(hidden)
             ctx.save_for_backward(grad_hidden, grad_weight)  # fp32: scaled before any 16-bit cast
             ctx.weight_dtype = weight.dtype
         return loss

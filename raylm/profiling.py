@@ -17,7 +17,7 @@ CATEGORIES = (
     ("fused elementwise (raylm's CPU kernels)", ("raylm_cpu::",)),  # raylm/csrc/fused_cpu.cpp
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
-                "mkl", "raylm::accumulate_product")),
+                "mkl")),
     ("optimizer and clipping", ("adam", "multi_tensor", "foreach")),
     ("fused elementwise (inductor/triton)", ("triton", "compiledfxgraph")),
 )

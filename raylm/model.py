@@ -154,10 +154,48 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, n_heads, head_dim) by positions' angles cos, sin (T, head_dim), in fp32, with
-    autograd's ops (fp32 eager CPU attention rotates with _RotaryQKV instead)."""
+    autograd's ops, as Llama writes it: the reference that the model's two implementations match
+    (_Rotary on GPUs and in compiled code, _RotaryQKV in eager CPU code)."""
     x32 = x.float()
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim): broadcast over heads
     return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+def _roll_rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + roll(x, head_dim / 2) * signed_sin in fp32, cast back to x's dtype. With signed_sin the
+    sine table with its first half negated, roll(x) * signed_sin is rotate_half(x) * sin value for value
+    (a negation is exact), but as one index shift that compiled code fuses into the multiply, where
+    rotate_half's `cat` becomes a buffer of its own in the backward."""
+    x32 = x.float()
+    return (x32 * cos + torch.roll(x32, x.shape[-1] // 2, -1) * signed_sin).type_as(x)
+
+
+class _Rotary(torch.autograd.Function):
+    """The fused projection's output qkv (B, T, n_q + 2 n_kv, head_dim) -> q and k rotated, and v, for
+    GPUs and compiled code (the plain-operator path). cos and signed_sin are (T, 1, head_dim); the rotation
+    is computed in fp32.
+
+    The forward is apply_rotary's arithmetic. The backward is the inverse rotation, g * cos - roll(g) *
+    signed_sin (the tables repeat their halves), applied to q's and k's gradients separately and
+    concatenated with v's into the gradient of qkv. Autograd's own backward of apply_rotary concatenates
+    q's and k's gradients first and materialises rotate_half's fp32 intermediate: inductor made two
+    kernels of it where this is one. Small model, micro-batch 32, on an H100: the rotary embedding's
+    forward and backward took 0.153 ms per layer and micro-batch instead of 0.218, the step's elementwise
+    kernels 51.1 ms instead of 53.1, and tokens/s rose 1.1% (jobs/gpu_check.sh with BASE)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, n_q: int, n_kv: int):
+        qk, v = qkv.split((n_q + n_kv, n_kv), dim=2)
+        q, k = _roll_rotate(qk, cos, signed_sin).split((n_q, n_kv), dim=2)  # one set of ops for q and k heads
+        ctx.save_for_backward(cos, signed_sin)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
+        cos, signed_sin = ctx.saved_tensors
+        inverse = -signed_sin  # rotating back: the same shift with the sine's sign flipped
+        grad = torch.cat((_roll_rotate(grad_q, cos, inverse), _roll_rotate(grad_k, cos, inverse), grad_v), dim=2)
+        return grad, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- hand-written backward passes
@@ -170,8 +208,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # separate PyTorch ops as it can. Small-ish model (hidden 512, 8 layers), 2 cores, torch.profiler with
 # shapes recorded, per training step: 147 ms in those PyTorch-op versions, 71 ms in the fused kernels (54
 # ms in jobs/bench_vs_hf.py's lighter profile). Neither backward has a second derivative. Compiled code
-# keeps the plain ops (inductor fuses them itself), and so do GPUs, where raylm's figures were measured
-# with the plain ops, and fp16. Under bf16 CPU autocast the fused kernels run too (fused_under_autocast;
+# keeps the plain ops, which inductor fuses itself (the rotary embedding as _Rotary, above), and so do
+# GPUs and fp16. Under bf16 CPU autocast the fused kernels run too (fused_under_autocast;
 # no PyTorch-op versions there). Same values; RMSNorm saves 4 bytes per hidden unit less for the
 # backward, and the fused SwiGLU 4 bytes per intermediate unit less (raylm/plan.py counts both).
 
@@ -451,9 +489,9 @@ class GroupedQueryAttention(nn.Module):
             cos, sin = cos[:, None, :half].float(), sin[:, None, :half].float()  # fp32, as apply_rotary computes
             q, k, v = _RotaryQKV.apply(qkv, cos, sin, self.num_heads, self.num_kv_heads)  # (B, T, n, hd) each
         else:
-            qk, v = qkv.split((self.num_heads + self.num_kv_heads, self.num_kv_heads), dim=2)
-            # q and k heads are rotated together: one set of elementwise ops instead of two
-            q, k = apply_rotary(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=2)
+            half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout)
+            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]  # (T, 1, head_dim)
+            q, k, v = _Rotary.apply(qkv, cos[:, None, :], signed_sin, self.num_heads, self.num_kv_heads)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
         mask, is_causal = None, True

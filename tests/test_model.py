@@ -534,6 +534,81 @@ def test_hand_written_qkv_split_and_rotation_match_the_plain_ops(hand_written):
         torch.testing.assert_close(ours[0], plain[0], msg=lambda m: f"outputs {used}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_plain_path_rotation_matches_apply_rotary(dtype):
+    """_Rotary (GPUs and compiled code): apply_rotary's values bit for bit, and its gradient from the
+    inverse rotation equal to autograd's of apply_rotary, also when only some outputs are used."""
+    from raylm.model import RotaryEmbedding, _Rotary, apply_rotary
+
+    torch.manual_seed(0)
+    n_q, n_kv, head_dim, T = 4, 2, 16, 10
+    cos, sin = RotaryEmbedding(head_dim, 32, 10000.0)(5, T)
+    signed_sin = torch.cat((-sin[:, :8], sin[:, 8:]), dim=-1)[:, None, :]
+    qkv = torch.randn(3, T, n_q + 2 * n_kv, head_dim).to(dtype).requires_grad_()
+    q, k, v = _Rotary.apply(qkv, cos[:, None, :], signed_sin, n_q, n_kv)
+    plain_q, plain_k = apply_rotary(qkv[:, :, :n_q + n_kv], cos, sin).split((n_q, n_kv), dim=2)
+    plain_v = qkv[:, :, n_q + n_kv:]
+    for ours, plain in ((q, plain_q), (k, plain_k), (v, plain_v)):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    grads = [torch.randn(3, t.shape[2], T, head_dim).to(dtype).transpose(1, 2) for t in (q, k, v)]  # as SDPA's
+    for used in ((0, 1, 2), (0,), (2,), (1, 2)):
+        ours = torch.autograd.grad([(q, k, v)[i] for i in used], qkv, [grads[i] for i in used], retain_graph=True)
+        plain = torch.autograd.grad([(plain_q, plain_k, plain_v)[i] for i in used], qkv, [grads[i] for i in used],
+                                    retain_graph=True)
+        torch.testing.assert_close(ours[0], plain[0], rtol=0, atol=0, msg=lambda m: f"outputs {used}: {m}")
+
+
+def test_plain_path_rotation_differentiates_twice():
+    """_Rotary's backward is made of differentiable operators: the gradient of its gradient (with respect
+    to the incoming gradient, the rotation being linear) equals autograd's through apply_rotary."""
+    from raylm.model import RotaryEmbedding, _Rotary, apply_rotary
+
+    torch.manual_seed(0)
+    cos, sin = RotaryEmbedding(8, 16, 10000.0)(2, 5)
+    signed_sin = torch.cat((-sin[:, :4], sin[:, 4:]), dim=-1)[:, None, :]
+    qkv = torch.randn(2, 5, 4, 8, requires_grad=True)  # 2 query heads, 1 key head, 1 value head
+    g = torch.randn(2, 5, 3, 8, requires_grad=True)  # the gradient of q and k together
+    u = torch.randn(2, 5, 4, 8)
+    q, k, _ = _Rotary.apply(qkv, cos[:, None, :], signed_sin, 2, 1)
+    (ours,) = torch.autograd.grad(torch.cat((q, k), dim=2), qkv, g, create_graph=True)
+    (plain,) = torch.autograd.grad(apply_rotary(qkv[:, :, :3], cos, sin), qkv, g, create_graph=True)
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(torch.autograd.grad((ours * u).sum(), g)[0], torch.autograd.grad((plain * u).sum(), g)[0])
+
+
+def test_compiled_rotation_makes_no_fp32_copy_of_q_and_k():
+    """In compiled code (inductor, here its CPU backend) the rotary embedding's forward and backward write no
+    fp32 buffer shaped like q and k together: rotate_half's concatenation made one in each (an extra write
+    and read of 4 bytes per element), which _Rotary's index shift does not."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from raylm.model import GroupedQueryAttention, RotaryEmbedding
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    attn = GroupedQueryAttention(config)
+    cos, sin = RotaryEmbedding(config.head_dim, 32, 10000.0)(0, 32)
+    x = torch.randn(2, 32, 64, requires_grad=True)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attn(x, cos, sin)
+        y.float().square().sum().backward()
+        return x.grad
+
+    torch._dynamo.reset()
+    grad, codes = run_and_get_code(torch.compile(step), x)
+    x.grad = None
+    torch.testing.assert_close(grad, step(x))
+    assert len(codes) == 2  # forward and backward, no graph break
+    qk_fp32 = re.compile(r"empty_strided_cpu\(\(2, 32, 6, 16\), \([^)]*\), torch\.float32\)")
+    for code in codes:
+        assert not qk_fp32.search(code), [line for line in code.splitlines() if "empty_strided" in line]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rms_norm_normalises_in_fp32_under_autocast(dtype):
     """Autocast runs some reductions in 16 bits on CPU; RMSNorm's mean square must not be one of them

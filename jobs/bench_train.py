@@ -48,6 +48,25 @@ def measured_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int =
     return best
 
 
+def set_inductor_config(pairs: list[str]) -> dict:
+    """Apply KEY=VALUE pairs (values as Python literals) to torch._inductor.config; the ones applied."""
+    import ast
+
+    from torch._inductor import config as inductor_config
+
+    applied = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor_config takes KEY=VALUE pairs, got {pair!r}")
+        if not hasattr(inductor_config, key):
+            print(f"bench_train: torch {torch.__version__} has no inductor option {key!r}; skipped")
+            continue
+        setattr(inductor_config, key, ast.literal_eval(value))
+        applied[key] = getattr(inductor_config, key)
+    return applied
+
+
 def run_once(args, data_dir: str, launcher: str, save_dir: str) -> dict:
     cfg = TrainConfig(
         data_dir=data_dir, save_dir=save_dir, model_size=args.model_size, hidden_size=args.hidden_size,
@@ -91,6 +110,10 @@ def main(argv=None) -> dict:
                    help="profile this many steps at the end of the last run (left out of its tokens/s)")
     p.add_argument("--cpus_per_worker", type=int, default=1)
     p.add_argument("--launchers", default="local,ray", help="which runs, in order")
+    p.add_argument("--inductor_config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config options in this process before the runs, to A/B inductor's "
+                        "settings (the local run only: Ray's workers are other processes); a key this torch "
+                        "lacks is reported and skipped")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run with a toy model")
     args = p.parse_args(argv)
@@ -98,6 +121,7 @@ def main(argv=None) -> dict:
         args.model_size, args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads = None, 32, 2, 4, 2
         args.vocab_size, args.seq_len, args.batch_size, args.micro_batch_size = 256, 32, 4, 4
         args.max_steps, args.log_interval = 6, 2
+    inductor = set_inductor_config(args.inductor_config)
     device = "cuda" if args.use_gpu else "cpu"
     model_cfg = model_config_from(args.model_size, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                                   num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads)
@@ -114,7 +138,7 @@ def main(argv=None) -> dict:
                "torch": torch.__version__, "model_size": args.model_size, "params": None,
                "seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                "mixed_precision": args.mixed_precision, "compile": args.compile_model,
-               "compile_mode": args.compile_mode,
+               "compile_mode": args.compile_mode, "inductor_config": inductor,
                "flops_per_token": fpt, "measured_peak_flops": peak, "datasheet_peak_flops": sheet, "runs": {}}
     for launcher in args.launchers.split(","):
         s = run_once(args, str(data_dir), launcher, str(work / f"run_{launcher}"))
@@ -131,7 +155,8 @@ def main(argv=None) -> dict:
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
           f"precision {args.mixed_precision}, compile {args.compile_model}"
           f"{' (' + args.compile_mode + ')' if args.compile_model else ''}, loss_chunking {args.loss_chunking}, "
-          f"attention {args.attention_backend}")
+          f"attention {args.attention_backend}"
+          + (f", inductor {' '.join(f'{k}={v!r}' for k, v in inductor.items())}" if inductor else ""))
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f" | datasheet: {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
     for name, r in results["runs"].items():
         if r["tokens_per_sec"] is None:

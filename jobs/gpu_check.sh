@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The GPU check, run on a GPU machine from the repository root (../shared/gpu/README.md):
 #   bash jobs/gpu_check.sh            # with Ray's wheels in .whl/ when Ray is not installed there
-# Sized for a ~10-minute lease; each stage checks the time left (BUDGET_S, default 560 s) first.
-# It measures what the last GPU session left open: whether inductor's kernel tuning closes the gap
-# to 50% MFU that its fused elementwise kernels leave (README, Performance).
-#  1. the small (~125M) model, bf16 + compile + fused AdamW + chunked loss, in a plain process, with
-#     --compile_mode default and tune-kernels; each profiles its last 3 steps
-#  2. the faster of the two through Ray Train (tokens/s, MFU, data wait)
-#  3. if time is left: --compile_mode max-autotune, then the GPU tests (CUDA + NCCL through Ray Train,
-#     bf16/fp16, compile, flash and cuDNN attention), then the attention kernels
-# (Earlier sessions' stages, still runnable by hand: jobs/bench_memory.py --sizes xl for the memory
-# estimate; --attention_backend cudnn and --loss_chunking off for the attention and loss-head rows.)
+#   BASE=.base bash jobs/gpu_check.sh # also the same benchmark with an earlier raylm, for an A/B in one run:
+#                                     #   mkdir .base && git archive <commit> raylm jobs | tar -x -C .base
+# Sized for a ~10-minute lease; each stage checks the time left (BUDGET_S, default 540 s) first.
+# The small (~125M) model, bf16 + compile + fused AdamW, seq 1024, batch 64 in micro-batches of $MICRO (64:
+# one per step, 2.0% faster than 32 on an H100), 50 steps; every plain-process run profiles its last 3 steps
+# (the kernel table lands in the JSON):
+#  1. with $BASE's raylm (if given), chunked loss: the baseline of this run
+#  2. this raylm, chunked loss (the default)
+#  3. this raylm, full logits (--loss_chunking off): whether chunking still pays now that compiled code
+#     builds its gradients out of place (torch 2.11 lost the in-place writes: raylm/model.py)
+#  4. through Ray Train with the faster loss head, next to the same loop in a plain process
+#  5. the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, flash and cuDNN attention)
+#  6. if time is left: --compile_mode tune-kernels
 # Everything lands in $WORK; $OUT (or ./gpu_out) gets summary.txt and, after every stage, results.tar.gz
 # of $WORK (logs, JSON with the profile tables), so a run cut short still returns what it measured.
 set -uo pipefail
-START=$(date +%s); BUDGET_S=${BUDGET_S:-560}
+START=$(date +%s); BUDGET_S=${BUDGET_S:-540}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"; WORK=${WORK:-/tmp/gpu_work}; mkdir -p "$WORK"
-pack() { tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
+OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"; WORK=${WORK:-/tmp/gpu_work}; mkdir -p "$WORK"; BASE=${BASE:-}
+pack() { cp "$WORK/summary.txt" "$OUT/summary.txt"
+         tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
 if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -28,53 +32,33 @@ export PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/summary.txt"
 python3 -c "import ray, torch; print('ray', ray.__version__, '| torch', torch.__version__, '| cuDNN', torch.backends.cudnn.version())" | tee -a "$WORK/summary.txt"
 
-COMMON="--use_gpu --model_size small --vocab_size 32000 --seq_len 1024 --batch_size 64 --micro_batch_size ${MICRO:-32}
-  --mixed_precision bf16 --compile_model --max_steps ${STEPS:-50} --log_interval 10 --cpus_per_worker 4 --loss_chunking on"
-variant() {  # compile mode, seconds it may take: a plain-process run that profiles its last 3 steps
-  local mode=$1 limit=$2
-  if [ "$(left)" -lt "$limit" ]; then echo "== skipped --compile_mode $mode: $(left) s left"; return; fi
-  echo "== plain process, --compile_mode $mode ($(left) s left)"
-  timeout "$limit" python3 jobs/bench_train.py $COMMON --launchers local --profile_steps 3 --compile_mode "$mode" \
-    --out "$WORK/bench_$mode.json" > "$WORK/bench_$mode.log" 2>&1
-  grep -E "bench_train|local :|Profile of|  (matmul|attention|fused|optimizer|other) |Error|error" "$WORK/bench_$mode.log" \
-    | tail -14 | tee -a "$WORK/summary.txt"; pack
+COMMON=${COMMON:-"--use_gpu --model_size small --vocab_size 32000 --seq_len 1024 --batch_size 64
+  --mixed_precision bf16 --compile_model --max_steps ${STEPS:-50} --log_interval 10 --cpus_per_worker 4"}
+MICRO=${MICRO:-64}
+run() {  # name, seconds it may take, directory, then bench_train arguments
+  local name=$1 limit=$2 dir=$3; shift 3
+  if [ "$(left)" -lt "$limit" ]; then echo "== skipped $name: $(left) s left" | tee -a "$WORK/summary.txt"; return; fi
+  echo "== $name ($(left) s left)" | tee -a "$WORK/summary.txt"
+  (cd "$dir" && timeout "$limit" python3 jobs/bench_train.py $COMMON "$@" --out "$WORK/bench_$name.json") \
+    > "$WORK/bench_$name.log" 2>&1
+  { sed -n '/^bench_train:/,$p' "$WORK/bench_$name.log" | grep -v '^=*$'
+    grep -E "Error|error" "$WORK/bench_$name.log" | grep -v Reporting | tail -3; } | tee -a "$WORK/summary.txt"; pack
 }
-fastest() {  # the --compile_mode of the fastest plain-process run so far
-  python3 - "$WORK" <<'EOF'
-import json, sys
-from pathlib import Path
-from raylm.config import COMPILE_MODES
-best, tps = "default", 0.0
-for mode in COMPILE_MODES:
-    f = Path(sys.argv[1]) / f"bench_{mode}.json"
-    if f.exists():
-        t = json.loads(f.read_text())["runs"]["local"]["tokens_per_sec"] or 0.0
-        if t > tps:
-            best, tps = mode, t
-print(best)
-EOF
+tps() {  # the local run's tokens/s in bench_<name>.json, 0 when missing
+  python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['runs']['local']['tokens_per_sec'] or 0))" \
+    "$WORK/bench_$1.json" 2>/dev/null || echo 0
 }
-rm -f "$WORK"/bench_*.json  # fastest() compares this run's results only
-variant default 200
-variant tune-kernels 220
-
-BEST=$(fastest)
-if [ "$(left)" -gt 120 ]; then
-  echo "== Ray Train, --compile_mode $BEST ($(left) s left)"
-  timeout $(( $(left) - 10 )) python3 jobs/bench_train.py $COMMON --launchers ray --compile_mode "$BEST" \
-    --out "$WORK/bench_gpu.json" > "$WORK/bench_gpu.log" 2>&1
-  grep -E "bench_train|ray   :|Error|error" "$WORK/bench_gpu.log" | grep -v Reporting | tail -8 \
-    | tee -a "$WORK/summary.txt"; pack
-fi
-variant max-autotune 240
+rm -f "$WORK"/bench_*.json  # compare this run's results only
+PROFILED="--launchers local --profile_steps 3 --micro_batch_size $MICRO"
+[ -n "$BASE" ] && [ -d "$BASE/raylm" ] && run base_chunked 130 "$BASE" $PROFILED --loss_chunking on
+run chunked 130 . $PROFILED --loss_chunking on
+run full_logits 130 . $PROFILED --loss_chunking off
+LOSS=on; [ "$(tps full_logits)" -gt "$(tps chunked)" ] && LOSS=off
+run ray 240 . --launchers local,ray --micro_batch_size $MICRO --loss_chunking $LOSS
 if [ "$(left)" -gt 150 ]; then
-  echo "== GPU tests ($(left) s left)"
+  echo "== GPU tests ($(left) s left)" | tee -a "$WORK/summary.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
   tail -6 "$WORK/gpu_tests.log" | tee -a "$WORK/summary.txt"; pack
 fi
-if [ "$(left)" -gt 60 ]; then
-  echo "== attention kernels ($(left) s left)"
-  timeout 60 python3 jobs/bench_attention.py --use_gpu --out "$WORK/attention.json" 2>&1 | tee -a "$WORK/summary.txt"
-  pack
-fi
-echo "== done in $(( $(date +%s) - START )) s" | tee -a "$WORK/summary.txt"; cp "$WORK/summary.txt" "$OUT/"; pack
+run tune_kernels 150 . $PROFILED --loss_chunking $LOSS --compile_mode tune-kernels
+echo "== done in $(( $(date +%s) - START )) s" | tee -a "$WORK/summary.txt"; pack

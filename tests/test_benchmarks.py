@@ -102,3 +102,22 @@ def test_bench_vs_hf_says_when_a_worker_process_dies(monkeypatch):
         worker("warm", 1)
     worker.close()
     assert not worker.proc.is_alive()
+
+
+def test_bench_train_sets_inductor_options_and_skips_unknown_ones(monkeypatch, capsys):
+    """`--inductor_config KEY=VALUE` (an A/B of inductor's settings on a GPU) sets the options this torch has,
+    as Python literals, says which it skipped, and refuses a pair without '='."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.syspath_prepend(str(JOBS))
+    import bench_train
+
+    monkeypatch.setattr(inductor_config, "max_pointwise_cat_inputs", inductor_config.max_pointwise_cat_inputs)
+    monkeypatch.setattr(inductor_config, "force_pointwise_cat", inductor_config.force_pointwise_cat)
+    applied = bench_train.set_inductor_config(["max_pointwise_cat_inputs=1", "force_pointwise_cat=True",
+                                               "no_such_option=3"])
+    assert applied == {"max_pointwise_cat_inputs": 1, "force_pointwise_cat": True}
+    assert inductor_config.max_pointwise_cat_inputs == 1 and inductor_config.force_pointwise_cat is True
+    assert "has no inductor option 'no_such_option'; skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench_train.set_inductor_config(["max_pointwise_cat_inputs"])

@@ -636,7 +636,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(probs.t(), h.float())
         if with_grad:
             if functional:
-                grad_hidden = torch.cat(hidden_grads) if hidden_grads else torch.empty_like(hidden)
+                grad_hidden = torch.cat(hidden_grads).to(hidden.dtype) if hidden_grads else torch.empty_like(hidden)
             ctx.save_for_backward(grad_hidden, grad_weight)  # fp32: scaled before any 16-bit cast
             ctx.weight_dtype = weight.dtype
         return loss

@@ -49,9 +49,12 @@ def measured_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int =
 
 
 def set_inductor_config(pairs: list[str]) -> dict:
-    """Apply KEY=VALUE pairs (values as Python literals) to torch._inductor.config; the ones applied."""
+    """Apply KEY=VALUE pairs to torch._inductor.config (a value is a Python literal, or else the bare
+    string); the ones applied."""
     import ast
 
+    if not pairs:
+        return {}
     from torch._inductor import config as inductor_config
 
     applied = {}
@@ -62,7 +65,11 @@ def set_inductor_config(pairs: list[str]) -> dict:
         if not hasattr(inductor_config, key):
             print(f"bench_train: torch {torch.__version__} has no inductor option {key!r}; skipped")
             continue
-        setattr(inductor_config, key, ast.literal_eval(value))
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value  # max_autotune_gemm_backends=ATEN
+        setattr(inductor_config, key, parsed)
         applied[key] = getattr(inductor_config, key)
     return applied
 
@@ -138,7 +145,7 @@ def main(argv=None) -> dict:
                "torch": torch.__version__, "model_size": args.model_size, "params": None,
                "seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                "mixed_precision": args.mixed_precision, "compile": args.compile_model,
-               "compile_mode": args.compile_mode, "inductor_config": inductor,
+               "compile_mode": args.compile_mode, "inductor_config_of_the_local_run": inductor,
                "flops_per_token": fpt, "measured_peak_flops": peak, "datasheet_peak_flops": sheet, "runs": {}}
     for launcher in args.launchers.split(","):
         s = run_once(args, str(data_dir), launcher, str(work / f"run_{launcher}"))
@@ -150,6 +157,7 @@ def main(argv=None) -> dict:
         profile = work / f"run_{launcher}" / "profile" / "kernels.txt"
         if profile.exists():
             results["runs"][launcher]["profile"] = profile.read_text()  # the summary, a blank line, the table
+        write_results(args.out, results)  # after each run: a run cut short later keeps this one's figures
     print("\n" + "=" * 72)
     print(f"bench_train: {results['device']}, torch {results['torch']}, model {args.model_size or 'custom'}, "
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
@@ -178,9 +186,16 @@ def main(argv=None) -> dict:
             summary = r["profile"].split("\n\n")[0]
             print(f"  {name} run, profiled:\n" + "\n".join("    " + line for line in summary.splitlines()))
     print("=" * 72)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return results
+
+
+def write_results(out: str | None, results: dict) -> None:
+    """The results as JSON at `out` (if given), through a temporary name."""
+    if out:
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -5,21 +5,23 @@
 #                                     #   mkdir .base && git archive <commit> raylm jobs | tar -x -C .base
 # Sized for a ~10-minute lease; each stage checks the time left (BUDGET_S, default 540 s) first.
 # The small (~125M) model, bf16 + compile + fused AdamW, seq 1024, batch 64 in micro-batches of $MICRO (64:
-# one per step, 2.0% faster than 32 on an H100), 50 steps; every plain-process run profiles its last 3 steps
-# (the kernel table lands in the JSON):
+# one per step, 2.0% faster than 32 on an H100), 50 steps; stages 1, 2, 4 and 6 profile their last 3
+# steps (the kernel table lands in the JSON):
 #  1. with $BASE's raylm (if given), chunked loss: the baseline of this run
 #  2. this raylm, chunked loss (the default)
-#  3. this raylm, full logits (--loss_chunking off): whether chunking still pays now that compiled code
-#     builds its gradients out of place (torch 2.11 lost the in-place writes: raylm/model.py)
-#  4. through Ray Train with the faster loss head, next to the same loop in a plain process
-#  5. the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, flash and cuDNN attention)
-#  6. if time is left: --compile_mode tune-kernels
+#  3. the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, flash and cuDNN attention): among
+#     them the compiled bf16 run that did not learn under torch 2.11 before the chunked loss's fix
+#  4. this raylm, full logits (--loss_chunking off): whether chunking still pays now that compiled code
+#     builds its gradients out of place (raylm/model.py)
+#  5. through Ray Train with the faster loss head, next to the same loop in a plain process
+#  6. if time is left: --compile_mode tune-kernels, with the faster loss head
 # Everything lands in $WORK; $OUT (or ./gpu_out) gets summary.txt and, after every stage, results.tar.gz
 # of $WORK (logs, JSON with the profile tables), so a run cut short still returns what it measured.
 set -uo pipefail
 START=$(date +%s); BUDGET_S=${BUDGET_S:-540}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"; WORK=${WORK:-/tmp/gpu_work}; mkdir -p "$WORK"; BASE=${BASE:-}
+OUT=$(realpath -m "${OUT:-./gpu_out}"); WORK=$(realpath -m "${WORK:-/tmp/gpu_work}"); BASE=${BASE:-}
+mkdir -p "$OUT" "$WORK"
 pack() { cp "$WORK/summary.txt" "$OUT/summary.txt"
          tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
 if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
@@ -39,26 +41,30 @@ run() {  # name, seconds it may take, directory, then bench_train arguments
   local name=$1 limit=$2 dir=$3; shift 3
   if [ "$(left)" -lt "$limit" ]; then echo "== skipped $name: $(left) s left" | tee -a "$WORK/summary.txt"; return; fi
   echo "== $name ($(left) s left)" | tee -a "$WORK/summary.txt"
-  (cd "$dir" && timeout "$limit" python3 jobs/bench_train.py $COMMON "$@" --out "$WORK/bench_$name.json") \
+  (cd "$dir" && timeout -k 10 "$limit" python3 jobs/bench_train.py $COMMON "$@" --out "$WORK/bench_$name.json") \
     > "$WORK/bench_$name.log" 2>&1
-  { sed -n '/^bench_train:/,$p' "$WORK/bench_$name.log" | grep -v '^=*$'
+  { sed -n '/^bench_train: .*, model /,$p' "$WORK/bench_$name.log" | grep -v '^=*$'
     grep -E "Error|error" "$WORK/bench_$name.log" | grep -v Reporting | tail -3; } | tee -a "$WORK/summary.txt"; pack
 }
 tps() {  # the local run's tokens/s in bench_<name>.json, 0 when missing
   python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['runs']['local']['tokens_per_sec'] or 0))" \
     "$WORK/bench_$1.json" 2>/dev/null || echo 0
 }
-rm -f "$WORK"/bench_*.json  # compare this run's results only
+rm -f "$WORK"/bench_* "$WORK"/gpu_tests.log  # this run's results only
 PROFILED="--launchers local --profile_steps 3 --micro_batch_size $MICRO"
-[ -n "$BASE" ] && [ -d "$BASE/raylm" ] && run base_chunked 130 "$BASE" $PROFILED --loss_chunking on
+if [ -n "$BASE" ]; then
+  if [ -d "$BASE/raylm" ]; then run base_chunked 130 "$BASE" $PROFILED --loss_chunking on
+  else echo "== no baseline: BASE=$BASE has no raylm/ folder" | tee -a "$WORK/summary.txt"; fi
+fi
 run chunked 130 . $PROFILED --loss_chunking on
+if [ "$(left)" -gt 150 ]; then
+  echo "== GPU tests ($(left) s left)" | tee -a "$WORK/summary.txt"
+  timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
+  tail -6 "$WORK/gpu_tests.log" | tee -a "$WORK/summary.txt"; pack
+fi
 run full_logits 130 . $PROFILED --loss_chunking off
 LOSS=on; [ "$(tps full_logits)" -gt "$(tps chunked)" ] && LOSS=off
 run ray 240 . --launchers local,ray --micro_batch_size $MICRO --loss_chunking $LOSS
-if [ "$(left)" -gt 150 ]; then
-  echo "== GPU tests ($(left) s left)" | tee -a "$WORK/summary.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
-  tail -6 "$WORK/gpu_tests.log" | tee -a "$WORK/summary.txt"; pack
-fi
-run tune_kernels 150 . $PROFILED --loss_chunking $LOSS --compile_mode tune-kernels
+python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # nothing of a run cut short keeps the GPU
+run tune_kernels 220 . $PROFILED --loss_chunking $LOSS --compile_mode tune-kernels
 echo "== done in $(( $(date +%s) - START )) s" | tee -a "$WORK/summary.txt"; pack

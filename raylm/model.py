@@ -155,7 +155,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, n_heads, head_dim) by positions' angles cos, sin (T, head_dim), in fp32, with
     autograd's ops, as Llama writes it: the reference that the model's two implementations match
-    (_Rotary on GPUs and in compiled code, _RotaryQKV in eager CPU code)."""
+    (_RotaryQKV where the hand-written CPU functions run, _Rotary everywhere else)."""
     x32 = x.float()
     cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim): broadcast over heads
     return (x32 * cos + rotate_half(x32) * sin).type_as(x)
@@ -171,9 +171,10 @@ def _roll_rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 class _Rotary(torch.autograd.Function):
-    """The fused projection's output qkv (B, T, n_q + 2 n_kv, head_dim) -> q and k rotated, and v, for
-    GPUs and compiled code (the plain-operator path). cos and signed_sin are (T, 1, head_dim); the rotation
-    is computed in fp32.
+    """The fused projection's output qkv (B, T, n_q + 2 n_kv, head_dim) -> q and k rotated, and v, on the
+    plain-operator path: GPUs, compiled code, and eager CPU code that the hand-written functions below do
+    not serve (16-bit weights, fp16 autocast). cos and signed_sin are (T, 1, head_dim); the rotation is
+    computed in fp32.
 
     The forward is apply_rotary's arithmetic. The backward is the inverse rotation, g * cos - roll(g) *
     signed_sin (the tables repeat their halves), applied to q's and k's gradients separately and
@@ -181,7 +182,7 @@ class _Rotary(torch.autograd.Function):
     q's and k's gradients first and materialises rotate_half's fp32 intermediate: inductor made two
     kernels of it where this is one. Small model, micro-batch 32, on an H100: the rotary embedding's
     forward and backward took 0.153 ms per layer and micro-batch instead of 0.218, the step's elementwise
-    kernels 51.1 ms instead of 53.1, and tokens/s rose 1.1% (jobs/gpu_check.sh with BASE)."""
+    kernels 51.1 ms instead of 53.1, and tokens/s rose 1.1% (jobs/gpu_check.sh with BASE and MICRO=32)."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, n_q: int, n_kv: int):
@@ -629,8 +630,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_hidden[start:start + chunk] = low @ weight
                 if compute_dtype == torch.bfloat16:  # the product in bf16 (as autocast does), summed in fp32
                     grad_weight = grad_weight + low.t() @ h if functional else grad_weight.add_(low.t() @ h)
-                elif functional:
-                    grad_weight = torch.addmm(grad_weight, probs.t(), h.float())
+                elif functional:  # out-of-place addmm is on autocast's 16-bit list (in-place addmm_ is not)
+                    with torch.autocast(device_type, enabled=False):
+                        grad_weight = torch.addmm(grad_weight, probs.t(), h.float())
                 else:  # fp32, in place (no (vocab, hidden) temporary per chunk); also for fp16, whose range a
                     # chunk's unscaled sum over thousands of rows could exceed (the loss scale cannot help here)
                     grad_weight.addmm_(probs.t(), h.float())

@@ -407,7 +407,8 @@ def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     """Whether the model computes its loss in chunks, never holding the logits (LLMModel's
     return_logits=False): --loss_chunking on/off; auto is on, on every device so far (the device
     stays an argument for one where it may not be): it measured faster on CPU (jobs/bench_vs_hf.py)
-    and on an H200 (bf16, compiled: +4.9% tokens/s, jobs/gpu_check.sh), and needs less memory."""
+    and on an H200 (bf16, compiled: +4.9% tokens/s, jobs/gpu_check.sh; measured before compiled code's
+    gradients were fixed for torch 2.11, with the same products and sums), and needs less memory."""
     return setting in ("on", "auto")
 
 

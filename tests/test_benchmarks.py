@@ -112,12 +112,18 @@ def test_bench_train_sets_inductor_options_and_skips_unknown_ones(monkeypatch, c
     monkeypatch.syspath_prepend(str(JOBS))
     import bench_train
 
-    monkeypatch.setattr(inductor_config, "max_pointwise_cat_inputs", inductor_config.max_pointwise_cat_inputs)
-    monkeypatch.setattr(inductor_config, "force_pointwise_cat", inductor_config.force_pointwise_cat)
-    applied = bench_train.set_inductor_config(["max_pointwise_cat_inputs=1", "force_pointwise_cat=True",
-                                               "no_such_option=3"])
-    assert applied == {"max_pointwise_cat_inputs": 1, "force_pointwise_cat": True}
-    assert inductor_config.max_pointwise_cat_inputs == 1 and inductor_config.force_pointwise_cat is True
-    assert "has no inductor option 'no_such_option'; skipped" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        bench_train.set_inductor_config(["max_pointwise_cat_inputs"])
+    before = (inductor_config.max_pointwise_cat_inputs, inductor_config.force_pointwise_cat,
+              inductor_config.max_autotune_gemm_backends)
+    # inductor's own patch() puts them back afterwards (pytest's monkeypatch leaves its config module broken)
+    with inductor_config.patch(max_pointwise_cat_inputs=before[0], force_pointwise_cat=before[1],
+                               max_autotune_gemm_backends=before[2]):
+        applied = bench_train.set_inductor_config(["max_pointwise_cat_inputs=1", "force_pointwise_cat=True",
+                                                   "no_such_option=3", "max_autotune_gemm_backends=ATEN"])
+        assert applied == {"max_pointwise_cat_inputs": 1, "force_pointwise_cat": True,
+                           "max_autotune_gemm_backends": "ATEN"}  # a bare word is a string
+        assert inductor_config.max_pointwise_cat_inputs == 1 and inductor_config.force_pointwise_cat is True
+        assert "has no inductor option 'no_such_option'; skipped" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="KEY=VALUE"):
+            bench_train.set_inductor_config(["max_pointwise_cat_inputs"])
+    assert (inductor_config.max_pointwise_cat_inputs, inductor_config.force_pointwise_cat,
+            inductor_config.max_autotune_gemm_backends) == before

@@ -261,12 +261,13 @@ def test_chunked_loss_builds_no_gradients_under_no_grad(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_compiled_chunked_loss_matches_eager(monkeypatch, precision):
     """Compiled, the chunked loss head gives eager's loss and every parameter's gradient, over several chunks
-    with ignored targets, in fp32 and under bf16 autocast. (torch 2.11's torch.compile saved the in-place
-    version's gradient tensors from before their writes: zero gradients, and a compiled model that did not
-    learn; this test fails there on that version.)"""
+    with ignored targets, in fp32 and under bf16 and fp16 autocast. (torch 2.11's torch.compile saved the
+    in-place version's gradient tensors from before their writes: zero gradients, and a compiled model that
+    did not learn; this test fails there on that version. Under fp16 the output layer's gradient must be
+    summed in fp32, or a chunk's unscaled sum overflows: checked with a large hidden state below.)"""
     import raylm.model as model_module
 
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 7)  # several chunks, the last one partial
@@ -274,7 +275,8 @@ def test_compiled_chunked_loss_matches_eager(monkeypatch, precision):
     x = random_tokens(2, 16)
     labels = x.clone()
     labels[0, 3:9] = IGNORE_INDEX
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=precision != "fp32")
     results = []
     for run in (model, torch.compile(model)):
         model.zero_grad()
@@ -288,6 +290,19 @@ def test_compiled_chunked_loss_matches_eager(monkeypatch, precision):
     for name, grad in eager_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(compiled_grads[name], grad, msg=name, **tolerance)
+    if precision == "fp16":  # the weight's gradient summed over a 64-row chunk: -153,600, past fp16's range
+        monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 64)
+        hidden = torch.full((64, 8), 3000.0, requires_grad=True)
+        weight = torch.full((5, 8), 1e-3, requires_grad=True)
+        targets = torch.zeros(64, dtype=torch.long)
+
+        def loss_head(hidden, weight):
+            with torch.autocast("cpu", dtype=torch.float16):
+                return model_module.chunked_cross_entropy(hidden, weight, targets, "sum")
+
+        for run in (loss_head, torch.compile(loss_head)):
+            (grad_weight,) = torch.autograd.grad(run(hidden, weight), weight)
+            assert grad_weight.dtype == torch.float32 and torch.isfinite(grad_weight).all()
 
 
 def test_tiny_model_overfits_one_batch():

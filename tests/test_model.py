@@ -339,8 +339,11 @@ def test_flops_per_token_is_six_n_plus_attention():
 
 # --- generation ---------------------------------------------------------------------------------
 
-def test_incremental_decoding_with_the_cache_matches_the_full_forward():
-    model = tiny_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_incremental_decoding_with_the_cache_matches_the_full_forward(dtype):
+    """Prefill, a chunk after a prefix, then one token at a time, against one forward over everything. (fp32
+    rotates with _RotaryQKV on CPU; float64 takes the plain path's _Rotary, as GPUs do.)"""
+    model = tiny_model().to(dtype)
     x = random_tokens(2, 20)
     with torch.no_grad():
         full, _ = model(x)

@@ -324,7 +324,13 @@ def shard_model(model, device: torch.device, world: int, precision: str) -> None
     final norm, lm_head) as the root group. Each fully_shard call moves its parameters to `device`
     and keeps this rank's 1/world slice (dim 0) as a DTensor, so the whole model never sits on one
     GPU. bf16/fp16: blocks compute with 16-bit copies of the fp32 sharded weights (no autocast) and
-    gradients are reduced in fp32; the optimizer steps the fp32 shards."""
+    gradients are reduced in fp32; the optimizer steps the fp32 shards.
+
+    The blocks' inputs are not cast (cast_forward_inputs=False): the residual stream is already 16-bit
+    (the embedding computes with a 16-bit copy), and the rotary tables stay fp32. torch 2.11's FSDP2 does
+    not cast inputs again when activation checkpointing recomputes a block, so cast tables made the
+    recomputed tensors differ in dtype from the saved ones (CheckpointError) under --strategy fsdp
+    --activation_checkpointing and bf16 or fp16."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -332,7 +338,8 @@ def shard_model(model, device: torch.device, world: int, precision: str) -> None
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world,))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None,
+                                  cast_forward_inputs=False)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -64,6 +64,35 @@ def test_activation_checkpointing_gives_identical_gradients(precision):
         assert torch.equal(grads_a[name], grads_b[name]), name
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_16_bit_blocks_get_fp32_rotary_tables_and_recompute_them(tmp_path, precision):
+    """--strategy fsdp with 16-bit compute and activation checkpointing (one gloo process): the blocks get
+    the residual stream in 16 bits and the rotary tables in fp32, in the forward and when the backward
+    recomputes them. (With FSDP2 casting the blocks' inputs, torch 2.11 cast the tables in the forward but
+    not in the recomputation: CheckpointError.)"""
+    import torch.distributed as dist
+
+    from raylm.train import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = LLMModel(model_config_from(None, vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                           num_kv_heads=2, max_seq_len=16))
+        model.activation_checkpointing = True
+        shard_model(model, torch.device("cpu"), 1, precision)
+        seen = []
+        model.layers[0].register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[1].dtype)))
+        x = torch.randint(0, 64, (2, 16))
+        _, loss = model(x, labels=x)
+        loss.backward()
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        assert seen == [(low, torch.float32)] * 2  # the forward, then the recomputation
+        assert all(torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_activation_checkpointing_run_has_identical_losses(packed_data, tmp_path):
     train(cfg_for(packed_data, tmp_path / "plain", max_steps=6, launcher="local", micro_batch_size=4))
     train(cfg_for(packed_data, tmp_path / "ckpt", max_steps=6, launcher="local", micro_batch_size=4,

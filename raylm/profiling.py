@@ -108,7 +108,7 @@ def summarize(prof, device: torch.device, steps: int, top: int = 12) -> list[str
             t = event.self_cpu_time_total
             # operators, and compiled graphs, whose self time is inductor's generated C++ kernels (on CPU
             # the profiler does not see those one by one); Python and autograd frames are left out
-            if not event.key.startswith(("aten::", "raylm::", "raylm_cpu::", "## Call CompiledFxGraph")):
+            if not event.key.startswith(("aten::", "raylm_cpu::", "## Call CompiledFxGraph")):
                 continue
         if t > 0:
             rows.append((event.key, t, event.count))

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylm.config import ATTENTION_BACKENDS, COMPILE_MODES, LOSS_CHUNKING, TrainConfig  # noqa: E402
+from raylm.config import ATTENTION_BACKENDS, COMPILE_MODES, LOSS_CHUNKING, RESIDUAL_DTYPES, TrainConfig  # noqa: E402
 from raylm.data import write_synthetic_dataset  # noqa: E402
 from raylm.model import flops_per_token, model_config_from  # noqa: E402
 from raylm.train import gpu_peak_flops, train  # noqa: E402
@@ -83,6 +83,7 @@ def run_once(args, data_dir: str, launcher: str, save_dir: str) -> dict:
         save_interval=0, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision,
         compile_model=args.compile_model, compile_mode=args.compile_mode, launcher=launcher,
         cpus_per_worker=args.cpus_per_worker, loss_chunking=args.loss_chunking, attention_backend=args.attention_backend,
+        residual_dtype=args.residual_dtype,
         profile_steps=args.profile_steps if launcher == args.launchers.split(",")[-1] else 0)
     t = time.perf_counter()
     train(cfg)
@@ -113,6 +114,8 @@ def main(argv=None) -> dict:
                    help="as `raylm train --loss_chunking`: auto = on (chunked), off = full logits")
     p.add_argument("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="as `raylm train --attention_backend`: the SDPA kernel to prefer on GPUs")
+    p.add_argument("--residual_dtype", default="fp32", choices=RESIDUAL_DTYPES,
+                   help="as `raylm train --residual_dtype`: bf16 halves the residual stream's bytes")
     p.add_argument("--profile_steps", type=int, default=0,
                    help="profile this many steps at the end of the last run (left out of its tokens/s)")
     p.add_argument("--cpus_per_worker", type=int, default=1)
@@ -145,7 +148,8 @@ def main(argv=None) -> dict:
                "torch": torch.__version__, "model_size": args.model_size, "params": None,
                "seq_len": args.seq_len, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
                "mixed_precision": args.mixed_precision, "compile": args.compile_model,
-               "compile_mode": args.compile_mode, "inductor_config_of_the_local_run": inductor,
+               "compile_mode": args.compile_mode, "residual_dtype": args.residual_dtype,
+               "inductor_config_of_the_local_run": inductor,
                "flops_per_token": fpt, "measured_peak_flops": peak, "datasheet_peak_flops": sheet, "runs": {}}
     for launcher in args.launchers.split(","):
         s = run_once(args, str(data_dir), launcher, str(work / f"run_{launcher}"))
@@ -163,7 +167,7 @@ def main(argv=None) -> dict:
           f"seq {args.seq_len}, batch {args.batch_size} (micro {args.micro_batch_size}), "
           f"precision {args.mixed_precision}, compile {args.compile_model}"
           f"{' (' + args.compile_mode + ')' if args.compile_model else ''}, loss_chunking {args.loss_chunking}, "
-          f"attention {args.attention_backend}"
+          f"attention {args.attention_backend}, residual {args.residual_dtype}"
           + (f", inductor {' '.join(f'{k}={v!r}' for k, v in inductor.items())}" if inductor else ""))
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s" + (f" | datasheet: {sheet / 1e12:.0f} TFLOP/s" if sheet else ""))
     for name, r in results["runs"].items():

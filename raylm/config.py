@@ -237,6 +237,20 @@ STRATEGIES = ("ddp", "fsdp")
 LOSS_CHUNKING = ("auto", "on", "off")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn")
 COMPILE_MODES = ("default", "tune-kernels", "max-autotune")
+RESIDUAL_DTYPES = ("fp32", "bf16")
+RESIDUAL_HELP = ("dtype of the residual stream between the transformer blocks under --mixed_precision bf16: fp32 "
+                 "(autocast's, the default) or bf16, which halves the bytes of every residual add, norm input and "
+                 "their gradients (faster on GPUs, where that traffic bounds the step; the norms still compute in "
+                 "fp32, the weights and AdamW stay fp32). FSDP with 2+ workers always has a 16-bit stream")
+
+
+def check_residual_dtype(residual_dtype: str, mixed_precision: str) -> None:
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise ConfigError(f"residual_dtype ({residual_dtype!r}) must be one of {', '.join(RESIDUAL_DTYPES)}")
+    if residual_dtype == "bf16" and mixed_precision not in ("bf16", "auto"):
+        raise ConfigError(f"residual_dtype bf16 needs --mixed_precision bf16 (or auto), not {mixed_precision!r}: "
+                          "the blocks must compute in bf16 to keep a bf16 residual stream (fp16's range is "
+                          "too narrow for it)")
 
 
 @dataclasses.dataclass
@@ -290,6 +304,7 @@ class TrainConfig:
                         choices=STRATEGIES)
     activation_checkpointing: bool = opt(False, "recompute each transformer block's activations in the backward "
                                          "pass: far less activation memory for about a third more compute")
+    residual_dtype: str = opt("fp32", RESIDUAL_HELP, choices=RESIDUAL_DTYPES)
     loss_chunking: str = opt("auto", "compute the loss in chunks (512 tokens on CPU, ~512 MB of logits on GPUs) "
                              "without ever holding the (tokens x vocabulary) logits: same loss and gradients, less "
                              "memory, and faster on CPU and GPU as measured. auto = on; off: from full logits",
@@ -358,6 +373,7 @@ class TrainConfig:
             raise ConfigError(f"profile_steps ({self.profile_steps}) must be 0 (off) or a number of steps")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"compile_mode ({self.compile_mode!r}) must be one of {', '.join(COMPILE_MODES)}")
+        check_residual_dtype(self.residual_dtype, self.mixed_precision)
         if self.compile_mode != "default" and not self.compile_model:
             raise ConfigError(f"compile_mode {self.compile_mode} applies to a compiled model: add --compile_model")
 
@@ -527,6 +543,7 @@ class PlanConfig:
     mixed_precision: str = opt("bf16", "off | auto | bf16 | fp16 (as `raylm train`; auto counts as bf16)",
                                choices=PRECISIONS, flag_const="auto")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
+    residual_dtype: str = opt("fp32", "fp32 or bf16 (as `raylm train --residual_dtype`)", choices=RESIDUAL_DTYPES)
     gpu_memory_gb: float = opt(80.0, "memory of one GPU in GiB (H100: 80, A100: 40 or 80, L4: 24)")
 
     def __post_init__(self):
@@ -539,6 +556,7 @@ class PlanConfig:
             raise ConfigError(f"strategy ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+        check_residual_dtype(self.residual_dtype, self.mixed_precision)
         if self.batch_size is not None and self.batch_size % (self.micro_batch_size * self.num_workers):
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by micro_batch_size "
                               f"({self.micro_batch_size}) x num_workers ({self.num_workers})")

@@ -39,13 +39,16 @@ def param_counts(c: ModelConfig) -> dict[str, int]:
             "matmul": c.num_layers * (attention + mlp) + embed, "block_matmul": attention + mlp}
 
 
-def _regime(strategy: str, world: int, precision: str) -> str:
+def _regime(strategy: str, world: int, precision: str, residual: str = "fp32") -> str:
     """How the training loop runs the model: 'fp32'; 'autocast' (plain/DDP, bf16 or fp16 autocast,
-    fp32 weights and residual stream); 'fsdp_mixed' (FSDP's MixedPrecisionPolicy: 16-bit weights
-    and activations throughout, no autocast)."""
+    fp32 weights and residual stream); 'autocast_r16' (the same with `--residual_dtype bf16`: a bf16
+    residual stream); 'fsdp_mixed' (FSDP's MixedPrecisionPolicy: 16-bit weights and activations
+    throughout, no autocast)."""
     if precision == "off":
         return "fp32"
-    return "fsdp_mixed" if strategy == "fsdp" and world > 1 else "autocast"
+    if strategy == "fsdp" and world > 1:
+        return "fsdp_mixed"
+    return "autocast_r16" if residual == "bf16" else "autocast"
 
 
 def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = False,
@@ -57,7 +60,8 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
       s = 4 (fp32) or 2 (16-bit compute), q = num_heads x head_dim, kv = num_kv_heads x head_dim
       RMSNorm        its fp32 input, the normed tensor, the output the next matmul saves:
                      12h (fp32), 10h (autocast: fp32 residual, 16-bit copy for the matmul),
-                     8h (fsdp_mixed: fp32 upcast + two 16-bit tensors); + 4 bytes of rstd.
+                     8h (fsdp_mixed and autocast_r16: fp32 upcast + two 16-bit tensors); + 4
+                     bytes of rstd.
                      On CPU in fp32 raylm/model.py's _RMSNorm keeps the normed tensor instead
                      of its input (or, with the fused kernels, its input but not the normed
                      tensor): 8h. Compiled code runs the plain ops, but inductor recomputes
@@ -74,7 +78,8 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      Under bf16 autocast their RMSNorm keeps its fp32 input but not the normed
                      tensor: 6h (compiled: the same)
       layer          2 x RMSNorm + attention + SwiGLU
-      checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h;
+      checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h
+                     (fsdp_mixed, autocast_r16);
                      in the backward pass one block at a time is recomputed ("recompute": its
                      layer bytes plus the gradients in flight in its backward: of silu(gate) and
                      up, 2·s·I, and of the residual stream)
@@ -93,19 +98,20 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
     # where they run, and in compiled code, which runs the plain ops but whose partitioner recomputes the normed
     # tensor and silu(gate) in the backward (the same bytes, measured: tests/test_plan.py)
     fused = False
-    if device == "cpu" and (regime == "fp32" or (regime == "autocast" and precision == "bf16")):
+    if device == "cpu" and (regime == "fp32" or (regime in ("autocast", "autocast_r16") and precision == "bf16")):
         from raylm.cpu_kernels import fused_cpu_kernels_expected
 
         fused = compile_model or fused_cpu_kernels_expected()  # decided without building them: no side effects
-    norm = {"fp32": 12, "autocast": 10, "fsdp_mixed": 8}[regime] * h + 4
-    if device == "cpu" and (fused or regime == "fp32"):  # its input or normed, not both (the PyTorch-op versions too)
+    norm = {"fp32": 12, "autocast": 10, "autocast_r16": 8, "fsdp_mixed": 8}[regime] * h + 4
+    # (a bf16 stream's norms run the PyTorch ops everywhere: the fused CPU RMSNorm takes an fp32 input)
+    if device == "cpu" and ((fused and regime != "autocast_r16") or regime == "fp32"):  # its input or normed, not both (the PyTorch-op versions too)
         norm -= 4 * h
     repeat_kv = s == 4 and kv != q and device != "cpu"  # as GroupedQueryAttention.forward decides
     kv_saved = 2 * s * q if repeat_kv else s * (q + 2 * kv)
     attention = s * (q + kv) + kv_saved + s * q + 4 * c.num_heads
     swiglu = 3 * s * I if fused else 4 * s * I  # the fused backward recomputes silu(gate)
     layer = 2 * norm + attention + swiglu
-    residual = 2 * h if regime == "fsdp_mixed" else 4 * h
+    residual = 2 * h if regime in ("fsdp_mixed", "autocast_r16") else 4 * h
     return {"layer": layer, "stored_per_layer": residual if act_ckpt else layer,
             "recompute": layer + 2 * s * I + residual, "head": 16 + norm + s * V + 4 * V,
             "loss_forward": 4 * V if s == 2 else 0, "loss_backward": 8 * V, "after_head": 16 + s * V, "logits": s * V}
@@ -113,7 +119,7 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
 
 def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, world: int = 1, strategy: str = "ddp",
                     precision: str = "off", act_ckpt: bool = False, accumulation_steps: int = 1,
-                    device: str = "cuda", compile_model: bool = False) -> dict[str, int]:
+                    device: str = "cuda", compile_model: bool = False, residual: str = "fp32") -> dict[str, int]:
     """Bytes per worker at the peak of a training step, by component (and "total"), with the loss
     computed from full logits (`--loss_chunking off`); the chunked loss that training runs by default
     needs less, so for it this is an upper bound.
@@ -149,7 +155,8 @@ def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, worl
         raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
     precision = "bf16" if precision == "auto" else precision
     sharded = strategy == "fsdp" and world > 1
-    regime = _regime(strategy, world, precision)
+    regime = _regime(strategy, world, precision, residual)
+    autocasting = regime in ("autocast", "autocast_r16")
     n = param_counts(model_cfg)
     P, L = n["total"], model_cfg.num_layers
     s = 4 if precision == "off" else 2
@@ -162,9 +169,9 @@ def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, worl
     grads_all = 4 * P // (1 if accumulating else shard)
     grads_before = grads_all if accumulating else 0
     root_grads = 0 if accumulating or sharded else 4 * n["root"]
-    copies = s * n["matmul"] if regime == "autocast" else 0
-    head_copy = s * (n["matmul"] - L * n["block_matmul"]) if regime == "autocast" else 0
-    block_copy = s * n["block_matmul"] if regime == "autocast" else 0
+    copies = s * n["matmul"] if autocasting else 0
+    head_copy = s * (n["matmul"] - L * n["block_matmul"]) if autocasting else 0
+    block_copy = s * n["block_matmul"] if autocasting else 0
     fsdp_root = fsdp_block = fsdp_two_blocks = 0
     if sharded:  # gathered weights, and unsharded gradients before the reduce-scatter (none while accumulating:
         # those are the fp32 accumulators counted in grads_all)
@@ -201,12 +208,12 @@ def estimate_memory(model_cfg: ModelConfig, seq_len: int, micro_batch: int, worl
 
 def largest_micro_batch(model_cfg: ModelConfig, seq_len: int, gpu_bytes: float, world: int = 1,
                         strategy: str = "ddp", precision: str = "bf16", act_ckpt: bool = False,
-                        accumulation_steps: int = 1, device: str = "cuda") -> int:
+                        accumulation_steps: int = 1, device: str = "cuda", residual: str = "fp32") -> int:
     """The largest micro batch whose estimate fits (1 - HEADROOM) of gpu_bytes; 0 if none does.
     The estimate grows with the micro batch (piecewise linearly): double, then bisect."""
     def fits(mb: int) -> bool:
         args = (world, strategy, precision, act_ckpt, accumulation_steps, device)
-        return estimate_memory(model_cfg, seq_len, mb, *args)["total"] <= gpu_bytes * (1 - HEADROOM)
+        return estimate_memory(model_cfg, seq_len, mb, *args, residual=residual)["total"] <= gpu_bytes * (1 - HEADROOM)
 
     if not fits(1):
         return 0
@@ -248,9 +255,9 @@ def plan(cfg) -> dict:
     precision = "bf16" if cfg.mixed_precision == "auto" else cfg.mixed_precision
     world, acc = cfg.num_workers, cfg.accumulation_steps
     args = (world, cfg.strategy, precision, cfg.activation_checkpointing, acc)
-    est = estimate_memory(model_cfg, cfg.max_length, cfg.micro_batch_size, *args)
+    est = estimate_memory(model_cfg, cfg.max_length, cfg.micro_batch_size, *args, residual=cfg.residual_dtype)
     gpu_bytes = cfg.gpu_memory_gb * GIB
-    best = largest_micro_batch(model_cfg, cfg.max_length, gpu_bytes, *args)
+    best = largest_micro_batch(model_cfg, cfg.max_length, gpu_bytes, *args, residual=cfg.residual_dtype)
     n = param_counts(model_cfg)
     sharded = cfg.strategy == "fsdp" and world > 1
     w = "32-bit" if precision == "off" else precision
@@ -277,7 +284,8 @@ def plan(cfg) -> dict:
     print(f"Model: {cfg.model_size or 'tiny'}: {n['total'] / 1e6:,.1f}M parameters, hidden {model_cfg.hidden_size}, "
           f"layers {model_cfg.num_layers}, vocab {model_cfg.vocab_size}")
     print(f"Run: {world} worker(s), {strategy_note}, precision {precision}, micro batch {cfg.micro_batch_size} x "
-          f"{cfg.max_length} tokens, accumulation {acc}, activation checkpointing {cfg.activation_checkpointing}")
+          f"{cfg.max_length} tokens, accumulation {acc}, activation checkpointing {cfg.activation_checkpointing}"
+          + (", bf16 residual stream" if cfg.residual_dtype == "bf16" and not sharded else ""))
     print(f"{'component':<17}{'per worker':>14}  note")
     for name, note, value in rows:
         print(f"{name:<17}{gib(value):>14}  {note}")
@@ -296,7 +304,7 @@ def plan(cfg) -> dict:
 
 def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, precision: str = "off",
                  act_ckpt: bool = False, device: str = "cpu", micro_steps: int = 2, seed: int = 0,
-                 compile_model: bool = False) -> int:
+                 compile_model: bool = False, residual: str = "fp32") -> int:
     """Peak bytes of one training step of a single-worker model, measured, not estimated: the loop of
     raylm/train.py (micro_steps forward/backward passes under autocast when precision is bf16/fp16,
     clipping, an AdamW step), after one warm-up step so the optimizer state exists. The loss is the
@@ -317,6 +325,7 @@ def measure_peak(model_cfg: ModelConfig, seq_len: int, micro_batch: int, *, prec
     dev = torch.device(device)
     model = LLMModel(dataclasses.replace(model_cfg, max_seq_len=max(model_cfg.max_seq_len, seq_len))).to(dev)
     model.activation_checkpointing = act_ckpt
+    model.residual_dtype = torch.bfloat16 if residual == "bf16" else None
     optimizer = torch.optim.AdamW(configure_optimizer_groups(model, 0.1), lr=1e-4, fused=fused_adamw(dev))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}.get(precision)
     g = torch.Generator().manual_seed(seed)

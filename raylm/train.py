@@ -598,6 +598,11 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(config, resume_from)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.residual_dtype == "bf16":
+        if precision != "bf16":  # --mixed_precision auto on a GPU without bf16
+            raise ConfigError(f"--residual_dtype bf16 needs bf16 compute, but mixed precision resolved to "
+                              f"{precision} on {device}: leave --residual_dtype at fp32 here")
+        model.residual_dtype = torch.bfloat16
     sharded = cfg.strategy == "fsdp" and world > 1  # one worker: nothing to shard, the plain model
     if sharded:
         shard_model(model, device, world, precision)  # the optimizer below then holds only this rank's slice
@@ -677,8 +682,9 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     if device.type == "cuda":
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory
         fits = (f"; largest micro batch for this GPU ({gpu_bytes / 2**30:.0f} GiB): "
-                f"{largest_micro_batch(model_cfg, seq_len, gpu_bytes, *plan_args)}")
-    estimate = estimate_memory(model_cfg, seq_len, cfg.micro_batch_size, *plan_args, compile_model=cfg.compile_model)
+                f"{largest_micro_batch(model_cfg, seq_len, gpu_bytes, *plan_args, residual=cfg.residual_dtype)}")
+    estimate = estimate_memory(model_cfg, seq_len, cfg.micro_batch_size, *plan_args, compile_model=cfg.compile_model,
+                               residual=cfg.residual_dtype)
     say(f"Memory estimate per worker: {describe(estimate)}"
         f"{fits}")
     say(f"Model parameters: {n_params:,} ({model.num_params(exclude_embeddings=True):,} without embeddings)")
@@ -687,7 +693,11 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say(f"Batch size: {cfg.batch_size} (micro: {cfg.micro_batch_size})")
     say(f"Gradient accumulation steps: {cfg.accumulation_steps}")
     say(f"Tokens per step: {cfg.batch_size * seq_len:,}")
-    say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}"
+    residual_note = ""
+    if precision != "off":
+        residual_note = " | Residual stream: " + ("bf16" if model.residual_dtype is not None else
+                                                  precision if sharded else "fp32")
+    say(f"Mixed precision: {precision != 'off'}{' (' + precision + ')' if precision != 'off' else ''}{residual_note}"
         f" | Compile: {cfg.compile_model}{' (' + cfg.compile_mode + ')' if cfg.compile_model else ''}"
         + (f" | Attention kernel: {cfg.attention_backend}" if device.type == "cuda" else ""))
     if device.type == "cpu" and precision in ("off", "bf16") and not cfg.compile_model:  # raylm.model's fused ops

@@ -203,6 +203,35 @@ def test_bf16_autocast_on_cpu_gives_finite_loss_close_to_fp32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_residual_stream_is_bf16_between_blocks_with_fp32_parameter_gradients(compiled):
+    """model.residual_dtype = bf16 (`--residual_dtype bf16`): every block gets a bf16 input and the final norm
+    a bf16 one, under bf16 autocast; the weights and their gradients stay fp32, and loss and gradients are the
+    fp32 stream's to bf16 rounding. Unset, the stream is fp32 (autocast leaves the embedding's dtype)."""
+    model = tiny_model(num_layers=3).train()
+    x = random_tokens(4, 32)
+    seen = []
+    for module in (*model.layers, model.norm):
+        module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    runner = torch.compile(model) if compiled else model
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        model.residual_dtype, seen[:] = dtype, []
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = runner(x, labels=x, return_logits=False)
+        loss.backward()
+        assert seen == [dtype or torch.float32] * 4
+        results[dtype] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (ref_loss, ref_grads), (loss, grads) = results[None], results[torch.bfloat16]
+    assert not torch.equal(loss, ref_loss)  # the stream really was rounded
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=0)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), ref_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_loss_gives_the_full_loss_value_and_gradients(monkeypatch, reduction, tied):

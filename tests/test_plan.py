@@ -36,12 +36,17 @@ GQA = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_siz
     (GQA, "bf16", True, 2),
     (dict(hidden_size=192, num_layers=6, num_heads=6, num_kv_heads=2, vocab_size=1024), "bf16", True, 8),
     (dict(hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=4, vocab_size=2048), "bf16", False, 3),
+    (GQA, "bf16-residual", False, 6),  # --residual_dtype bf16: norms keep a bf16 input and its fp32 upcast
+    (GQA, "bf16-residual", True, 4),  # checkpointed blocks keep a bf16 input
 ])
 def test_estimate_matches_the_measured_peak_on_cpu(shape, precision, act_ckpt, micro_batch):
     cfg = model_config_from(None, max_seq_len=128, **shape)
-    measured = measure_peak(cfg, 128, micro_batch, precision=precision, act_ckpt=act_ckpt, micro_steps=2)
+    precision, _, residual = precision.partition("-")
+    residual = "bf16" if residual else "fp32"
+    measured = measure_peak(cfg, 128, micro_batch, precision=precision, act_ckpt=act_ckpt, micro_steps=2,
+                            residual=residual)
     est = estimate_memory(cfg, 128, micro_batch, precision=precision, act_ckpt=act_ckpt, accumulation_steps=2,
-                          device="cpu")
+                          device="cpu", residual=residual)
     assert est["total"] == pytest.approx(measured, rel=TOLERANCE), (est, measured)
 
 
@@ -159,6 +164,12 @@ def test_what_each_option_changes():
     assert est(strategy="fsdp") == one  # one worker: nothing to shard
     assert est(act_ckpt=True)["activations"] < one["activations"] / 3
     assert est(micro_batch=4)["activations"] == 2 * one["activations"]
+    h, L, tokens = cfg.hidden_size, cfg.num_layers, 2 * 2048
+    # --residual_dtype bf16: each norm keeps 2 bytes less of its input per feature; a checkpointed block's input
+    # is half as large (the embedding's and the final norm's share of the head is the same per token)
+    assert one["activations"] - est(residual="bf16")["activations"] == (2 * L + 1) * 2 * h * tokens
+    assert est(act_ckpt=True, residual="bf16")["activations"] < est(act_ckpt=True)["activations"]
+    assert est(world=8, strategy="fsdp", residual="bf16") == fsdp8  # FSDP's stream is 16-bit already
 
 
 def test_largest_micro_batch_is_the_largest_that_fits():
@@ -183,6 +194,14 @@ def test_raylm_plan_prints_the_table_and_the_largest_micro_batch(capsys):
     assert main(["plan", "--model_size", "xl", "--max_length", "2048", "--gpu_memory_gb", "16"]) == 0
     assert "fits: none" in capsys.readouterr().out
     assert main(["plan", "--hidden_size", "100", "--num_heads", "3"]) == 2  # a ConfigError, said plainly
+    small = ["plan", "--model_size", "small", "--max_length", "1024", "--micro_batch_size", "64"]
+    assert main(small) == 0
+    fp32_total = capsys.readouterr().out.split("\ntotal")[1].split()[0]
+    assert main([*small, "--residual_dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 residual stream" in out and float(out.split("\ntotal")[1].split()[0]) < float(fp32_total)
+    assert main([*small, "--residual_dtype", "bf16", "--mixed_precision", "fp16"]) == 2
+    assert "residual_dtype bf16 needs --mixed_precision bf16" in capsys.readouterr().err
 
 
 def test_training_banner_prints_the_estimate(packed_data, tmp_path, capsys):

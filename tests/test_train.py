@@ -107,6 +107,30 @@ def test_bf16_autocast_on_cpu_trains(packed_data, tmp_path):
     assert all(math.isfinite(x) for x in ls) and ls[-1] < ls[0] - 0.5
 
 
+def test_bf16_residual_stream_trains_like_the_fp32_one(packed_data, tmp_path, capsys):
+    """--residual_dtype bf16: the banner says so, and the run learns as the fp32-residual run with the
+    same seed does (its losses within bf16 rounding, not the same numbers)."""
+    train(cfg_for(packed_data, tmp_path / "fp32", max_steps=12, launcher="local", mixed_precision="bf16"))
+    assert "Residual stream: fp32" in capsys.readouterr().out
+    train(cfg_for(packed_data, tmp_path / "bf16", max_steps=12, launcher="local", mixed_precision="bf16",
+                  residual_dtype="bf16"))
+    assert "Residual stream: bf16" in capsys.readouterr().out
+    ref, ls = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(ls) == len(ref) and ls != ref  # another numerics, not a no-op
+    assert ls[-1] < ls[0] - 0.5 and all(abs(a - b) < 0.05 * b for a, b in zip(ls, ref)), (ls, ref)
+    assert summary(tmp_path / "bf16")["final_val_loss"] == pytest.approx(summary(tmp_path / "fp32")["final_val_loss"],
+                                                                         rel=0.02)
+
+
+def test_bf16_residual_stream_needs_bf16_compute():
+    for precision in ("off", "fp16"):
+        with pytest.raises(ConfigError, match="residual_dtype bf16 needs --mixed_precision bf16"):
+            build_config(TrainConfig, overrides={"mixed_precision": precision, "residual_dtype": "bf16"})
+    with pytest.raises(ConfigError, match="residual_dtype .* must be one of fp32, bf16"):
+        build_config(TrainConfig, overrides={"mixed_precision": "bf16", "residual_dtype": "fp16"})
+    build_config(TrainConfig, overrides={"mixed_precision": "auto", "residual_dtype": "bf16"})  # bf16 where it can
+
+
 def test_fp32_cpu_banner_names_its_kernels_and_suggests_bf16_on_amx(packed_data, tmp_path, capsys, monkeypatch):
     """On a CPU with Intel AMX, bf16 trains several times faster than fp32: an fp32 run's banner says so."""
     import raylm.runtime as runtime

@@ -5,16 +5,17 @@
 #                                     #   mkdir .base && git archive <commit> raylm jobs | tar -x -C .base
 # Sized for a ~10-minute lease; each stage checks the time left (BUDGET_S, default 540 s) first.
 # The small (~125M) model, bf16 + compile + fused AdamW, seq 1024, batch 64 in micro-batches of $MICRO (64:
-# one per step, 2.0% faster than 32 on an H100), 50 steps; stages 1, 2, 4 and 6 profile their last 3
+# one per step, 2.0% faster than 32 on an H100), 50 steps; the single-process stages profile their last 3
 # steps (the kernel table lands in the JSON):
-#  1. with $BASE's raylm (if given), chunked loss: the baseline of this run
-#  2. this raylm, chunked loss (the default)
-#  3. the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, flash and cuDNN attention): among
-#     them the compiled bf16 run that did not learn under torch 2.11 before the chunked loss's fix
-#  4. this raylm, full logits (--loss_chunking off): whether chunking still pays now that compiled code
-#     builds its gradients out of place (raylm/model.py)
-#  5. through Ray Train with the faster loss head, next to the same loop in a plain process
-#  6. if time is left: --compile_mode tune-kernels, with the faster loss head
+#  1. with $BASE's raylm (if given), chunked loss: an earlier commit's baseline
+#  2. this raylm, chunked loss, fp32 residual stream (the default): this run's baseline
+#  3. this raylm, chunked loss, --residual_dtype bf16: half the bytes in every residual add and norm input
+#  4. the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, the bf16 residual stream, flash and
+#     cuDNN attention)
+#  5. full logits (--loss_chunking off) with the faster residual stream: whether chunking still pays now
+#     that compiled code builds its gradients out of place (raylm/model.py)
+#  6. through Ray Train with the faster settings, next to the same loop in a plain process
+#  7. if time is left: --compile_mode tune-kernels, with the faster settings
 # Everything lands in $WORK; $OUT (or ./gpu_out) gets summary.txt and, after every stage, results.tar.gz
 # of $WORK (logs, JSON with the profile tables), so a run cut short still returns what it measured.
 set -uo pipefail
@@ -57,14 +58,17 @@ if [ -n "$BASE" ]; then
   else echo "== no baseline: BASE=$BASE has no raylm/ folder" | tee -a "$WORK/summary.txt"; fi
 fi
 run chunked 130 . $PROFILED --loss_chunking on
-if [ "$(left)" -gt 150 ]; then
+run residual_bf16 130 . $PROFILED --loss_chunking on --residual_dtype bf16
+RES=fp32; [ "$(tps residual_bf16)" -gt "$(tps chunked)" ] && RES=bf16
+if [ "$(left)" -gt 170 ]; then
   echo "== GPU tests ($(left) s left)" | tee -a "$WORK/summary.txt"
-  timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
+  timeout -k 10 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
   tail -6 "$WORK/gpu_tests.log" | tee -a "$WORK/summary.txt"; pack
 fi
-run full_logits 130 . $PROFILED --loss_chunking off
-LOSS=on; [ "$(tps full_logits)" -gt "$(tps chunked)" ] && LOSS=off
-run ray 240 . --launchers local,ray --micro_batch_size $MICRO --loss_chunking $LOSS
+python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # the tests' Ray frees the GPU
+run full_logits 130 . $PROFILED --loss_chunking off --residual_dtype $RES
+LOSS=on; [ "$(tps full_logits)" -gt "$(tps residual_$RES)" ] && [ "$(tps full_logits)" -gt "$(tps chunked)" ] && LOSS=off
+run ray 240 . --launchers local,ray --micro_batch_size $MICRO --loss_chunking $LOSS --residual_dtype $RES
 python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # nothing of a run cut short keeps the GPU
-run tune_kernels 220 . $PROFILED --loss_chunking $LOSS --compile_mode tune-kernels
+run tune_kernels 220 . $PROFILED --loss_chunking $LOSS --residual_dtype $RES --compile_mode tune-kernels
 echo "== done in $(( $(date +%s) - START )) s" | tee -a "$WORK/summary.txt"; pack

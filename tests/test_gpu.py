@@ -24,14 +24,15 @@ def test_attention_runs_on_the_flash_kernel():
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("precision,compile_model", [("bf16", True), ("fp16", False)])
-def test_ray_train_on_gpu(ray_session, packed_data, tmp_path, precision, compile_model):
+@pytest.mark.parametrize("precision,compile_model,residual", [("bf16", True, "fp32"), ("bf16", True, "bf16"),
+                                                              ("fp16", False, "fp32")])
+def test_ray_train_on_gpu(ray_session, packed_data, tmp_path, precision, compile_model, residual):
     from raylm.train import train
 
     cfg = TrainConfig(data_dir=str(packed_data), save_dir=str(tmp_path), hidden_size=64, num_layers=2, num_heads=4,
                       batch_size=8, max_steps=12, warmup_steps=2, learning_rate=3e-3, log_interval=2,
                       eval_interval=6, eval_steps=0, save_interval=6, use_gpu=True, mixed_precision=precision,
-                      compile_model=compile_model)
+                      compile_model=compile_model, residual_dtype=residual)
     result = train(cfg)
     summary = json.loads((Path(tmp_path) / "summary.json").read_text())
     assert summary["nonfinite_steps"] == 0 and summary["final_val_loss"] < 4.0

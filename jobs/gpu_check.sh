@@ -6,16 +6,19 @@
 # Sized for a ~10-minute lease; each stage checks the time left (BUDGET_S, default 540 s) first.
 # The small (~125M) model, bf16 + compile + fused AdamW, seq 1024, batch 64 in micro-batches of $MICRO (64:
 # one per step, 2.0% faster than 32 on an H100), 50 steps; the single-process stages profile their last 3
-# steps (the kernel table lands in the JSON):
-#  1. with $BASE's raylm (if given), chunked loss: an earlier commit's baseline
-#  2. this raylm, chunked loss, fp32 residual stream (the default): this run's baseline
-#  3. this raylm, chunked loss, --residual_dtype bf16: half the bytes in every residual add and norm input
-#  4. the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, the bf16 residual stream, flash and
-#     cuDNN attention)
-#  5. full logits (--loss_chunking off) with the faster residual stream: whether chunking still pays now
-#     that compiled code builds its gradients out of place (raylm/model.py)
-#  6. through Ray Train with the faster settings, next to the same loop in a plain process
-#  7. if time is left: --compile_mode tune-kernels, with the faster settings
+# steps (the kernel table lands in the JSON). STAGES picks the stages and their order (default: all, so):
+#  base          with $BASE's raylm (only when BASE is given), chunked loss: an earlier commit's baseline
+#  chunked       this raylm's defaults: chunked loss, fp32 residual stream: this run's baseline
+#  residual_bf16 chunked loss, --residual_dtype bf16 (half the bytes in every residual add and norm input)
+#  full_logits   --loss_chunking off with the faster residual stream (full logits were 3.0% faster than
+#                the chunked loss on an H200, with the same kernel time)
+#  tests         the GPU tests (CUDA + NCCL through Ray Train, bf16/fp16, compile, the bf16 residual
+#                stream, flash and cuDNN attention)
+#  ray           through Ray Train with the faster settings, next to the same loop in a plain process
+#  max_autotune  --compile_mode max-autotune with the faster settings: inductor's Triton matmul templates
+#                may take the elementwise work into their epilogues (a long compile)
+#  tune_kernels  --compile_mode tune-kernels with the faster settings
+# e.g. STAGES="chunked full_logits max_autotune" bash jobs/gpu_check.sh
 # Everything lands in $WORK; $OUT (or ./gpu_out) gets summary.txt and, after every stage, results.tar.gz
 # of $WORK (logs, JSON with the profile tables), so a run cut short still returns what it measured.
 set -uo pipefail
@@ -53,22 +56,39 @@ tps() {  # the local run's tokens/s in bench_<name>.json, 0 when missing
 }
 rm -f "$WORK"/bench_* "$WORK"/gpu_tests.log  # this run's results only
 PROFILED="--launchers local --profile_steps 3 --micro_batch_size $MICRO"
-if [ -n "$BASE" ]; then
-  if [ -d "$BASE/raylm" ]; then run base_chunked 130 "$BASE" $PROFILED --loss_chunking on
-  else echo "== no baseline: BASE=$BASE has no raylm/ folder" | tee -a "$WORK/summary.txt"; fi
-fi
-run chunked 130 . $PROFILED --loss_chunking on
-run residual_bf16 130 . $PROFILED --loss_chunking on --residual_dtype bf16
-RES=fp32; [ "$(tps residual_bf16)" -gt "$(tps chunked)" ] && RES=bf16
-if [ "$(left)" -gt 170 ]; then
-  echo "== GPU tests ($(left) s left)" | tee -a "$WORK/summary.txt"
-  timeout -k 10 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
-  tail -6 "$WORK/gpu_tests.log" | tee -a "$WORK/summary.txt"; pack
-fi
-python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # the tests' Ray frees the GPU
-run full_logits 130 . $PROFILED --loss_chunking off --residual_dtype $RES
-LOSS=on; [ "$(tps full_logits)" -gt "$(tps residual_$RES)" ] && [ "$(tps full_logits)" -gt "$(tps chunked)" ] && LOSS=off
-run ray 240 . --launchers local,ray --micro_batch_size $MICRO --loss_chunking $LOSS --residual_dtype $RES
-python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # nothing of a run cut short keeps the GPU
-run tune_kernels 220 . $PROFILED --loss_chunking $LOSS --residual_dtype $RES --compile_mode tune-kernels
+fastest() {  # the faster of the stages measured so far: "<residual> <loss_chunking>"
+  local best=chunked res=fp32 loss=on
+  if [ "$(tps chunked)$(tps residual_bf16)$(tps full_logits)" = 000 ]; then  # nothing measured in this run:
+    echo "--residual_dtype bf16 --loss_chunking off"; return; fi           # the fastest of the last lease
+  for name in residual_bf16 full_logits; do [ "$(tps $name)" -gt "$(tps $best)" ] && best=$name; done
+  [ "$best" = residual_bf16 ] && res=bf16
+  [ "$best" = full_logits ] && res=$FULL_RES && loss=off
+  echo "--residual_dtype $res --loss_chunking $loss"
+}
+FULL_RES=bf16
+for stage in ${STAGES:-base chunked residual_bf16 full_logits tests ray max_autotune tune_kernels}; do
+  case $stage in
+    base) if [ -n "$BASE" ]; then
+            if [ -d "$BASE/raylm" ]; then run base_chunked 130 "$BASE" $PROFILED --loss_chunking on
+            else echo "== no baseline: BASE=$BASE has no raylm/ folder" | tee -a "$WORK/summary.txt"; fi
+          fi ;;
+    chunked) run chunked 130 . $PROFILED --loss_chunking on ;;
+    residual_bf16) run residual_bf16 130 . $PROFILED --loss_chunking on --residual_dtype bf16 ;;
+    full_logits) FULL_RES=bf16  # the bf16 stream, unless a residual_bf16 stage measured it slower
+                 [ -f "$WORK/bench_residual_bf16.json" ] && [ "$(tps residual_bf16)" -le "$(tps chunked)" ] && FULL_RES=fp32
+                 run full_logits 130 . $PROFILED --loss_chunking off --residual_dtype $FULL_RES ;;
+    tests) if [ "$(left)" -gt 170 ]; then
+             echo "== GPU tests ($(left) s left)" | tee -a "$WORK/summary.txt"
+             timeout -k 10 170 python3 -m pytest -q -rf -p no:cacheprovider tests/test_gpu.py > "$WORK/gpu_tests.log" 2>&1
+             grep -E "^(FAILED|ERROR)|passed|failed" "$WORK/gpu_tests.log" | tail -8 | tee -a "$WORK/summary.txt"; pack
+           else echo "== skipped GPU tests: $(left) s left" | tee -a "$WORK/summary.txt"; fi
+           python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1 ;;  # the tests' Ray frees the GPU
+    ray) run ray 240 . --launchers local,ray --micro_batch_size $MICRO $(fastest)
+         python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1 ;;  # nothing of a run cut short keeps the GPU
+    max_autotune) run max_autotune 300 . $PROFILED $(fastest) --compile_mode max-autotune ;;
+    tune_kernels) run tune_kernels 220 . $PROFILED $(fastest) --compile_mode tune-kernels ;;
+    *) echo "== unknown stage $stage (base chunked residual_bf16 full_logits tests ray max_autotune tune_kernels)" \
+         | tee -a "$WORK/summary.txt" ;;
+  esac
+done
 echo "== done in $(( $(date +%s) - START )) s" | tee -a "$WORK/summary.txt"; pack

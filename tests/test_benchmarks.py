@@ -127,3 +127,30 @@ def test_bench_train_sets_inductor_options_and_skips_unknown_ones(monkeypatch, c
             bench_train.set_inductor_config(["max_pointwise_cat_inputs"])
     assert (inductor_config.max_pointwise_cat_inputs, inductor_config.force_pointwise_cat,
             inductor_config.max_autotune_gemm_backends) == before
+
+
+def test_bench_train_writes_each_runs_figures_before_the_next_run(monkeypatch, tmp_path):
+    """A GPU lease can end mid-benchmark: --out holds every finished run's figures (and the residual
+    stream's dtype) before the next run starts, so a run cut short by its time limit keeps what it measured."""
+    import json
+
+    monkeypatch.syspath_prepend(str(JOBS))
+    import bench_train
+
+    out = tmp_path / "results.json"
+    started = []
+
+    def fake_run(args, data_dir, launcher, save_dir):
+        started.append(launcher)
+        if launcher == "ray":  # the stage's time limit strikes here
+            assert json.loads(out.read_text())["runs"]["local"]["tokens_per_sec"] == 1234.0
+            raise KeyboardInterrupt
+        return {"tokens_per_sec_warm": 1234.0, "data_wait_p95_fraction": 0.01, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench_train, "run_once", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--smoke", "--launchers", "local,ray", "--residual_dtype", "fp32", "--out", str(out)])
+    assert started == ["local", "ray"]
+    saved = json.loads(out.read_text())
+    assert saved["residual_dtype"] == "fp32" and list(saved["runs"]) == ["local"]
+    assert not out.with_name("results.json.tmp").exists()

@@ -19,6 +19,8 @@
 #                may take the elementwise work into their epilogues (a long compile)
 #  tune_kernels  --compile_mode tune-kernels with the faster settings
 # e.g. STAGES="chunked full_logits max_autotune" bash jobs/gpu_check.sh
+# In the default order the last three rarely get their time: three ~130 s benchmarks and the tests come
+# first. Name max_autotune early in STAGES to measure it.
 # Everything lands in $WORK; $OUT (or ./gpu_out) gets summary.txt and, after every stage, results.tar.gz
 # of $WORK (logs, JSON with the profile tables), so a run cut short still returns what it measured.
 set -uo pipefail

@@ -681,7 +681,7 @@ class LLMModel(nn.Module):
         # Precision knob (set from outside, not saved): the dtype of the residual stream between the blocks.
         # None: the embedding's (fp32 weights give an fp32 stream, also under autocast). torch.bfloat16 under
         # bf16 autocast (`--residual_dtype bf16`): every residual add, norm input and their gradients move half
-        # the bytes, as with FSDP's 16-bit weights; the norms still compute in fp32.
+        # the bytes, as with FSDP's 16-bit weights; the norms still compute in fp32. Applied under autocast only.
         self.residual_dtype: torch.dtype | None = None
         self.init_weights()
 
@@ -713,7 +713,7 @@ class LLMModel(nn.Module):
             )
         cos, sin = self.rotary(start_pos, T)  # (T, head_dim) each
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        if self.residual_dtype is not None:
+        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):  # fp32 matmuls need fp32
             x = x.to(self.residual_dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers):

@@ -76,7 +76,8 @@ def activation_bytes_per_token(c: ModelConfig, regime: str, act_ckpt: bool = Fal
                      (raylm/cpu_kernels.py), whose backward recomputes silu(gate), and in
                      compiled code on CPU, whose plain ops inductor recomputes the same way.
                      Under bf16 autocast their RMSNorm keeps its fp32 input but not the normed
-                     tensor: 6h (compiled: the same)
+                     tensor: 6h (compiled: the same; with a bf16 stream the PyTorch ops run: 8h,
+                     not measured compiled)
       layer          2 x RMSNorm + attention + SwiGLU
       checkpointed   only the block's input, the residual stream: 4h (fp32, autocast) or 2h
                      (fsdp_mixed, autocast_r16);

@@ -1047,6 +1047,9 @@ def _explain_failure(err, cfg: TrainConfig) -> str:
     if "non-finite" in text:
         line = next((ln for ln in text.splitlines() if "non-finite" in ln), text)
         return line.split("FloatingPointError:")[-1].strip() + kept
+    config_line = next((ln for ln in text.splitlines() if "ConfigError:" in ln), None)
+    if config_line:  # a setting the worker found wrong (e.g. what --mixed_precision auto resolved to on its GPU)
+        return f"{config_line.split('ConfigError:', 1)[1].strip()}{kept}"
     if "Address already in use" in text:
         return ("a port raylm/Ray needs is already in use (another Ray or training run?): stop it, or reuse it with "
                 f"RAY_ADDRESS=auto.{kept}")

@@ -146,6 +146,11 @@ def check_resume_settings(tcfg: TuneConfig, cfg: TrainConfig, saved_path: Path) 
     if cfg.use_gpu is None and saved.get("use_gpu") is not None:
         cfg = dataclasses.replace(cfg, use_gpu=saved["use_gpu"])
     now = sweep_settings(tcfg, cfg)
+    # a setting that a sweep saved by an older raylm lacks ran at its default (a later raylm added it)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for config in (TuneConfig, TrainConfig) for f in dataclasses.fields(config)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    saved = {k: saved[k] if k in saved else defaults.get(k) for k in now}
     changed = [f"{k} (saved {saved.get(k)!r}, now {v!r})" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise ConfigError(f"--resume continues the sweep with its saved settings, but these differ: "

@@ -131,6 +131,23 @@ def test_bf16_residual_stream_needs_bf16_compute():
     build_config(TrainConfig, overrides={"mixed_precision": "auto", "residual_dtype": "bf16"})  # bf16 where it can
 
 
+def test_bf16_residual_stream_refused_where_auto_means_fp16(packed_data, tmp_path, monkeypatch):
+    """--mixed_precision auto is fp16 on GPUs without bf16: the worker refuses a bf16 stream with the setting to
+    change, and a Ray run's failure says that line, not "raise --max_failures"."""
+    import raylm.train as train_module
+
+    monkeypatch.setattr(train_module, "resolve_precision", lambda requested, device: "fp16")
+    with pytest.raises(ConfigError, match="resolved to fp16 .* leave --residual_dtype at fp32"):
+        train(cfg_for(packed_data, tmp_path, max_steps=1, launcher="local", mixed_precision="auto",
+                      residual_dtype="bf16"))
+    cfg = cfg_for(packed_data, tmp_path, max_failures=2)
+    err = RuntimeError("Training failed.\nTraceback (most recent call last):\n  File \"raylm/train.py\"\n"
+                       "raylm.config.ConfigError: --residual_dtype bf16 needs bf16 compute, but mixed precision "
+                       "resolved to fp16 on cuda:0: leave --residual_dtype at fp32 here\n")
+    said = train_module._explain_failure(err, cfg)
+    assert said.startswith("--residual_dtype bf16 needs bf16 compute") and "max_failures" not in said
+
+
 def test_fp32_cpu_banner_names_its_kernels_and_suggests_bf16_on_amx(packed_data, tmp_path, capsys, monkeypatch):
     """On a CPU with Intel AMX, bf16 trains several times faster than fp32: an fp32 run's banner says so."""
     import raylm.runtime as runtime

@@ -87,6 +87,20 @@ def test_resume_keeps_the_saved_use_gpu_when_the_flag_is_left_unset(tmp_path):
     assert check_resume_settings(tcfg, unset, saved).use_gpu is None
 
 
+def test_resume_accepts_a_sweep_saved_before_a_setting_existed(tmp_path):
+    """A sweep_config.yaml from an older raylm lacks the settings added since (e.g. residual_dtype): those ran
+    at their defaults, so resuming with the defaults is no change, and another value is still refused."""
+    saved = tmp_path / "sweep_config.yaml"
+    tcfg, cfg = configs(tmp_path / "data", tmp_path / "sweep")
+    older = sweep_settings(tcfg, cfg)
+    del older["residual_dtype"], older["attention_backend"]
+    dump_yaml(older, saved)
+    assert check_resume_settings(tcfg, cfg, saved) == cfg
+    _, bf16 = configs(tmp_path / "data", tmp_path / "sweep", mixed_precision="bf16", residual_dtype="bf16")
+    with pytest.raises(ConfigError, match=r"residual_dtype \(saved 'fp32', now 'bf16'\)"):
+        check_resume_settings(tcfg, bf16, saved)
+
+
 def test_trial_config_keeps_the_decay_ratio():
     base = build_config(TrainConfig, overrides={"learning_rate": 3e-4, "min_lr": 3e-5, "save_dir": "x"})
     cfg = trial_config(vars(base), 1e-2, 7, "/sweep/trial_a")

@@ -7,6 +7,8 @@
 # The small (~125M) model, bf16 + compile + fused AdamW, seq 1024, batch 64 in micro-batches of $MICRO (64:
 # one per step, 2.0% faster than 32 on an H100), 50 steps; the single-process stages profile their last 3
 # steps (the kernel table lands in the JSON). STAGES picks the stages and their order (default: all, so):
+#  loss_head     jobs/bench_loss_head.py: the loss head alone, chunked against full logits, eager and
+#                compiled (~1 min; with BASE, the same script with $BASE's raylm too)
 #  base          with $BASE's raylm (only when BASE is given), chunked loss: an earlier commit's baseline
 #  chunked       this raylm's defaults: chunked loss, fp32 residual stream: this run's baseline
 #  residual_bf16 chunked loss, --residual_dtype bf16 (half the bytes in every residual add and norm input)
@@ -68,12 +70,20 @@ fastest() {  # the faster of the stages measured so far: "<residual> <loss_chunk
   echo "--residual_dtype $res --loss_chunking $loss"
 }
 FULL_RES=bf16
-for stage in ${STAGES:-base chunked residual_bf16 full_logits tests ray max_autotune tune_kernels}; do
+for stage in ${STAGES:-loss_head base chunked residual_bf16 full_logits tests ray max_autotune tune_kernels}; do
   case $stage in
     base) if [ -n "$BASE" ]; then
             if [ -d "$BASE/raylm" ]; then run base_chunked 130 "$BASE" $PROFILED --loss_chunking on
             else echo "== no baseline: BASE=$BASE has no raylm/ folder" | tee -a "$WORK/summary.txt"; fi
           fi ;;
+    loss_head) for dir in ${BASE:+"$BASE"} .; do
+                 if [ "$(left)" -lt 90 ]; then echo "== skipped loss_head in $dir: $(left) s left" | tee -a "$WORK/summary.txt"; continue; fi
+                 echo "== loss_head in $dir ($(left) s left)" | tee -a "$WORK/summary.txt"
+                 cp jobs/bench_loss_head.py "$dir/jobs/" 2>/dev/null  # an earlier raylm may predate the script
+                 (cd "$dir" && timeout -k 10 90 python3 jobs/bench_loss_head.py --use_gpu \
+                    --out "$WORK/loss_head_$(basename "$(realpath "$dir")").json") 2>&1 \
+                   | grep -E "^bench_loss_head|ms per|speed|Error|error" | tee -a "$WORK/summary.txt"
+               done; pack ;;
     chunked) run chunked 130 . $PROFILED --loss_chunking on ;;
     residual_bf16) run residual_bf16 130 . $PROFILED --loss_chunking on --residual_dtype bf16 ;;
     full_logits) FULL_RES=bf16  # the bf16 stream, unless a residual_bf16 stage measured it slower
@@ -89,7 +99,8 @@ for stage in ${STAGES:-base chunked residual_bf16 full_logits tests ray max_auto
          python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1 ;;  # nothing of a run cut short keeps the GPU
     max_autotune) run max_autotune 300 . $PROFILED $(fastest) --compile_mode max-autotune ;;
     tune_kernels) run tune_kernels 220 . $PROFILED $(fastest) --compile_mode tune-kernels ;;
-    *) echo "== unknown stage $stage (base chunked residual_bf16 full_logits tests ray max_autotune tune_kernels)" \
+    *) echo "== unknown stage $stage (loss_head base chunked residual_bf16 full_logits tests ray max_autotune" \
+            "tune_kernels)" \
          | tee -a "$WORK/summary.txt" ;;
   esac
 done

@@ -609,21 +609,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         device_type = hidden.device.type
         compute_dtype = hidden.dtype if hidden.dtype != torch.float32 else (
             torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32)
+        vocab = torch.arange(weight.shape[0], device=weight.device) if functional else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = (h @ weight.t()).float()
             valid = t != IGNORE_INDEX
             safe = torch.where(valid, t, 0)
-            # log-softmax by hand, so that the exponentials serve the softmax of the gradient too
-            logits.sub_(logits.amax(dim=-1, keepdim=True))  # shifted: exp cannot overflow
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            exps = logits.exp_()  # in place: the logits are not needed any more
-            sums = exps.sum(dim=-1)
-            loss = loss + ((sums.log() - picked) * valid).sum()
+            if functional:  # no in-place ops and no scatter: inductor fuses the softmax, the one-hot and the cast
+                # to the compute dtype into one pass over the logits, and never writes an fp32 (rows, vocab) tensor
+                shifted = logits - logits.amax(dim=-1, keepdim=True)
+                log_sums = shifted.exp().sum(dim=-1, keepdim=True).log()
+                picked = shifted.gather(1, safe[:, None])
+                loss = loss + ((log_sums - picked).squeeze(1) * valid).sum()
+                if with_grad:  # softmax minus one-hot, rows that add nothing zeroed
+                    probs = ((shifted - log_sums).exp() - (vocab == safe[:, None]).to(logits.dtype)) * valid[:, None]
+            else:
+                # log-softmax by hand, so that the exponentials serve the softmax of the gradient too
+                logits.sub_(logits.amax(dim=-1, keepdim=True))  # shifted: exp cannot overflow
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                exps = logits.exp_()  # in place: the logits are not needed any more
+                sums = exps.sum(dim=-1)
+                loss = loss + ((sums.log() - picked) * valid).sum()
+                if with_grad:
+                    probs = exps.mul_((valid / sums)[:, None])  # softmax, and rows that add nothing zeroed
+                    probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))  # minus one-hot (fp32)
             if with_grad:
-                probs = exps.mul_((valid / sums)[:, None])  # softmax, and rows that add nothing zeroed
-                probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))  # minus one-hot (fp32)
-                low = probs.to(hidden.dtype)
+                # one cast, to what the products compute in: autocast would cast an fp32 `low` once per product
+                low = probs.to(compute_dtype)
                 if functional:
                     hidden_grads.append(low @ weight)
                 else:

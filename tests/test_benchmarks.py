@@ -37,6 +37,8 @@ EXPECTED = {
                                  "scaling tiktoken 1 -> 2 workers:", "tiktoken / bpe at 2 worker(s):"],
     "bench_tune.py": ["trial-steps", "asha", "fifo", "ASHA / FIFO:"],
     "bench_memory.py": ["bench_memory smoke: CPU", "largest |estimate - measured| / measured:"],
+    "bench_loss_head.py": ["bench_loss_head: CPU", "chunks of 512 rows", "eager    full    :", "compiled chunked :",
+                           "eager    chunked / full:", "compiled chunked / full:"],
     "bench_attention.py": ["bench_attention: CPU", "PyTorch's own choice for these inputs:", "flash    :",
                            "math     :", "x flash's speed"],
 }

@@ -413,9 +413,12 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     """Whether the model computes its loss in chunks, never holding the logits (LLMModel's
     return_logits=False): --loss_chunking on/off; auto is on, on every device so far (the device
-    stays an argument for one where it may not be): it measured faster on CPU (jobs/bench_vs_hf.py)
-    and on an H200 (bf16, compiled: +4.9% tokens/s, jobs/gpu_check.sh; measured before compiled code's
-    gradients were fixed for torch 2.11, with the same products and sums), and needs less memory."""
+    stays an argument for one where it may not be). It always needs less memory. Speed, measured: faster
+    on CPU in fp32 eager mode and compiled bf16, slower for the head alone in bf16 eager and compiled fp32
+    (jobs/bench_loss_head.py), and no faster in a whole compiled fp32 step (jobs/bench_vs_hf.py: 1.092
+    and 1.099 x transformers, 1.080 with full logits); on an H200 (bf16, compiled) 3.0% slower than full
+    logits once compiled code's gradients were fixed for torch 2.11, before that gradient pass was halved
+    (jobs/gpu_check.sh measures it again)."""
     return setting in ("on", "auto")
 
 

@@ -412,20 +412,34 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     return result
 
 
+def training_dir(result) -> Path:
+    """The folder a trial trained in: save_dir/trial_<id> (run_trial). Tune's own folder for the trial is
+    the same, except in a resumed sweep for a trial that the interrupted one had started after its last
+    saved state: trial_<id> exists then, and Tune names its folder trial_<id>_<suffix> while the training
+    continues in trial_<id> from its newest checkpoint."""
+    path = Path(result.path)
+    trial_id = (result.metrics or {}).get("trial_id")
+    if not trial_id:
+        match = re.match(rf"{TRIAL_PREFIX}([0-9a-f]+_\d+)", path.name)
+        trial_id = match.group(1) if match else path.name.removeprefix(TRIAL_PREFIX)
+    return path.parent / f"{TRIAL_PREFIX}{trial_id}"
+
+
 def trial_row(result, max_steps: int) -> TrialRow:
     """A trial's line, from its own metrics.jsonl (the training's record, consistent across resumes)."""
-    records = read_jsonl(Path(result.path) / "metrics.jsonl")
+    trial_dir = training_dir(result)
+    records = read_jsonl(trial_dir / "metrics.jsonl")
     values = [r["val_loss"] for r in records if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
     steps = max((r["step"] for r in records), default=0)
     if result.error:
         status = "error: " + error_line(str(result.error))
-    elif not result.metrics.get("done") and not reached_the_end(Path(result.path), max_steps):
+    elif not result.metrics.get("done") and not reached_the_end(trial_dir, max_steps):
         # Tune's own "done" is missing when a resumed trial was already at its end (it reports nothing
         # new); its complete checkpoint at max_steps is the training's own proof that it finished.
         status = "unfinished"
     else:
         status = "finished" if steps >= max_steps else "stopped early"
-    return TrialRow(trial=Path(result.path).name, learning_rate=result.config["learning_rate"],
+    return TrialRow(trial=trial_dir.name, learning_rate=result.config["learning_rate"],
                     warmup_steps=int(result.config["warmup_steps"]), steps=steps,
                     best_val_loss=min(values) if values else None, stopped_early=status == "stopped early",
                     status=status)

@@ -231,6 +231,27 @@ def test_asha_sweep_finds_the_best_trial_and_its_config_trains(ray_session, pack
     assert (sweep / "best" / "final").is_dir() and len(val_losses(sweep / "best")) == 2
 
 
+def test_a_trial_renamed_by_tune_on_resume_is_read_from_the_folder_it_trained_in(tmp_path):
+    """A trial that an interrupted sweep started after its last saved state already has its trial_<id> folder
+    when the sweep resumes: Tune names its own folder trial_<id>_<suffix>, while run_trial continues the training
+    in trial_<id>. The table reads the training's folder (with or without the trial_id Tune reports)."""
+    from types import SimpleNamespace
+
+    from raylm.tune import trial_row
+
+    sweep = tmp_path / "sweep"
+    trained, renamed = sweep / "trial_fb50b_00003", sweep / "trial_fb50b_00003_e93a"
+    trained.mkdir(parents=True)
+    renamed.mkdir()
+    (trained / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 4, "loss": 3.0, "val_loss": 2.5}, {"step": 8, "loss": 2.0, "val_loss": 2.25})))
+    for metrics in ({"done": True, "trial_id": "fb50b_00003"}, {"done": True}):
+        result = SimpleNamespace(path=str(renamed), metrics=metrics, error=None,
+                                 config={"learning_rate": 1e-3, "warmup_steps": 2})
+        row = trial_row(result, max_steps=8)
+        assert (row.trial, row.steps, row.best_val_loss, row.status) == ("trial_fb50b_00003", 8, 2.25, "finished")
+
+
 def finished_trials(sweep_dir: Path) -> set[str]:
     """Trials that Tune's saved experiment state records as finished (empty while it is being written)."""
     done = set()

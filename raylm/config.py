@@ -307,7 +307,8 @@ class TrainConfig:
     residual_dtype: str = opt("fp32", RESIDUAL_HELP, choices=RESIDUAL_DTYPES)
     loss_chunking: str = opt("auto", "compute the loss in chunks (512 tokens on CPU, ~512 MB of logits on GPUs) "
                              "without ever holding the (tokens x vocabulary) logits: same loss and gradients, less "
-                             "memory, and faster on CPU and GPU as measured. auto = on; off: from full logits",
+                             "memory; faster or slower by a few percent depending on device and mode (the README's "
+                             "Performance section). auto = on; off: from full logits",
                              choices=LOSS_CHUNKING)
     attention_backend: str = opt("auto", "the attention kernel to prefer on GPUs (PyTorch's SDPA falls back to "
                                  "another where it cannot serve the shapes): flash (FlashAttention-2), cudnn "

@@ -58,7 +58,7 @@ tps() {  # the local run's tokens/s in bench_<name>.json, 0 when missing
   python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['runs']['local']['tokens_per_sec'] or 0))" \
     "$WORK/bench_$1.json" 2>/dev/null || echo 0
 }
-rm -f "$WORK"/bench_* "$WORK"/gpu_tests.log  # this run's results only
+rm -f "$WORK"/bench_* "$WORK"/loss_head_* "$WORK"/gpu_tests.log  # this run's results only
 PROFILED="--launchers local --profile_steps 3 --micro_batch_size $MICRO"
 fastest() {  # the faster of the stages measured so far: "<residual> <loss_chunking>"
   local best=chunked res=fp32 loss=on
@@ -79,7 +79,7 @@ for stage in ${STAGES:-loss_head base chunked residual_bf16 full_logits tests ra
     loss_head) for dir in ${BASE:+"$BASE"} .; do
                  if [ "$(left)" -lt 90 ]; then echo "== skipped loss_head in $dir: $(left) s left" | tee -a "$WORK/summary.txt"; continue; fi
                  echo "== loss_head in $dir ($(left) s left)" | tee -a "$WORK/summary.txt"
-                 cp jobs/bench_loss_head.py "$dir/jobs/" 2>/dev/null  # an earlier raylm may predate the script
+                 [ "$dir" = . ] || cp jobs/bench_loss_head.py "$dir/jobs/"  # an earlier raylm may predate it
                  (cd "$dir" && timeout -k 10 90 python3 jobs/bench_loss_head.py --use_gpu \
                     --out "$WORK/loss_head_$(basename "$(realpath "$dir")").json") 2>&1 \
                    | grep -E "^bench_loss_head|ms per|speed|Error|error" | tee -a "$WORK/summary.txt"

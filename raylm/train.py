@@ -413,12 +413,9 @@ def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
 def chunked_loss_head(device: torch.device, setting: str = "auto") -> bool:
     """Whether the model computes its loss in chunks, never holding the logits (LLMModel's
     return_logits=False): --loss_chunking on/off; auto is on, on every device so far (the device
-    stays an argument for one where it may not be). It always needs less memory. Speed, measured: faster
-    on CPU in fp32 eager mode and compiled bf16, slower for the head alone in bf16 eager and compiled fp32
-    (jobs/bench_loss_head.py), and no faster in a whole compiled fp32 step (jobs/bench_vs_hf.py: 1.092
-    and 1.099 x transformers, 1.080 with full logits); on an H200 (bf16, compiled) 3.0% slower than full
-    logits once compiled code's gradients were fixed for torch 2.11, before that gradient pass was halved
-    (jobs/gpu_check.sh measures it again)."""
+    stays an argument for one where it may not be). It always needs less memory; whether it is faster
+    depends on the device, the precision and compilation, by a few percent either way: the README's
+    Performance section has the measurements (jobs/bench_loss_head.py, jobs/gpu_check.sh)."""
     return setting in ("on", "auto")
 
 

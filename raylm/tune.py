@@ -159,9 +159,14 @@ def check_resume_settings(tcfg: TuneConfig, cfg: TrainConfig, saved_path: Path) 
     return cfg
 
 
+def trial_folder(trial_id: str) -> str:
+    """trial_<id>: the save_dir of a trial's training run, and (but see training_dir) Tune's folder of it."""
+    return f"{TRIAL_PREFIX}{trial_id}"
+
+
 def trial_dir_name(trial) -> str:
-    """trial_<id>: Tune's folder of the trial, and the save_dir of its training run."""
-    return f"{TRIAL_PREFIX}{trial.trial_id}"
+    """Tune's trial_name_creator and trial_dirname_creator: trial_folder of the trial."""
+    return trial_folder(trial.trial_id)
 
 
 def trials_at_once(tcfg: TuneConfig, cfg: TrainConfig) -> int:
@@ -199,7 +204,7 @@ def run_trial(config: dict, base: dict) -> None:
     # sweep's scheduler can stop a trial only once its report arrives: trials poll more often, so a stopped
     # trial trains fewer steps past its rung. The controller inherits this variable from this process.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRIAL_POLL_INTERVAL_S))
-    save_dir = Path(base["save_dir"]) / f"{TRIAL_PREFIX}{ray_tune.get_context().get_trial_id()}"
+    save_dir = Path(base["save_dir"]) / trial_folder(ray_tune.get_context().get_trial_id())
     cfg = trial_config(base, config["learning_rate"], config["warmup_steps"], save_dir)
     newest = ckpt.newest_complete(save_dir, warn=lambda *_: None)
     if newest is not None:
@@ -422,7 +427,7 @@ def training_dir(result) -> Path:
     if not trial_id:
         match = re.match(rf"{TRIAL_PREFIX}([0-9a-f]+_\d+)", path.name)
         trial_id = match.group(1) if match else path.name.removeprefix(TRIAL_PREFIX)
-    return path.parent / f"{TRIAL_PREFIX}{trial_id}"
+    return path.parent / trial_folder(trial_id)
 
 
 def trial_row(result, max_steps: int) -> TrialRow:

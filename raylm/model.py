@@ -425,6 +425,10 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
         self.register_buffer("cos", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, head_dim, dtype=torch.float32), persistent=False)
+        # sin with its first half negated: what the blocks multiply by (see _roll_rotate), made once here
+        # rather than in every layer of every forward pass (two small kernels each, in eager GPU decoding)
+        self.register_buffer("signed_sin", torch.empty(max_seq_len, head_dim, dtype=torch.float32),
+                             persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -438,10 +442,16 @@ class RotaryEmbedding(nn.Module):
         with torch.no_grad():
             self.cos.copy_(angles.cos())
             self.sin.copy_(angles.sin())
+            half = self.head_dim // 2
+            self.signed_sin.copy_(torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1))
 
     def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (seq_len, head_dim) for positions start_pos .. start_pos + seq_len - 1."""
         return self.cos[start_pos : start_pos + seq_len], self.sin[start_pos : start_pos + seq_len]
+
+    def layer_tables(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed_sin (seq_len, head_dim) for those positions: what TransformerBlock takes."""
+        return self.cos[start_pos : start_pos + seq_len], self.signed_sin[start_pos : start_pos + seq_len]
 
 
 def preferred_attention(device: torch.device, backend: str = "auto"):
@@ -477,22 +487,22 @@ class GroupedQueryAttention(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, hidden) at positions start_pos.. -> (B, T, hidden). With kv_cache, this step's
-        keys/values are written into it at [start_pos, start_pos + T) and all cached ones attended."""
+        """x (B, T, hidden) at positions start_pos.. -> (B, T, hidden), with the rotary tables cos and
+        signed_sin (T, head_dim; RotaryEmbedding.layer_tables). With kv_cache, this step's keys/values are
+        written into it at [start_pos, start_pos + T) and all cached ones attended."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         if hand_written_backward(qkv) or (qkv.dtype == torch.bfloat16 and fused_under_autocast(qkv)):
-            half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout)
-            cos, sin = cos[:, None, :half].float(), sin[:, None, :half].float()  # fp32, as apply_rotary computes
+            half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout): signed_sin's
+            # second half is sin's first
+            cos, sin = cos[:, None, :half].float(), signed_sin[:, None, half:].float()  # fp32, as apply_rotary
             q, k, v = _RotaryQKV.apply(qkv, cos, sin, self.num_heads, self.num_kv_heads)  # (B, T, n, hd) each
         else:
-            half = self.head_dim // 2  # the tables repeat their first half (rotate_half layout)
-            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]  # (T, 1, head_dim)
-            q, k, v = _Rotary.apply(qkv, cos[:, None, :], signed_sin, self.num_heads, self.num_kv_heads)
+            q, k, v = _Rotary.apply(qkv, cos[:, None, :], signed_sin[:, None, :], self.num_heads, self.num_kv_heads)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n, T, hd)
 
         mask, is_causal = None, True
@@ -555,11 +565,11 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, signed_sin, kv_cache, start_pos))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -723,16 +733,16 @@ class LLMModel(nn.Module):
                 f"positions up to {start_pos + T} exceed max_seq_len ({self.config.max_seq_len}): "
                 "use shorter sequences or a model with a larger max_seq_len"
             )
-        cos, sin = self.rotary(start_pos, T)  # (T, head_dim) each
+        cos, signed_sin = self.rotary.layer_tables(start_pos, T)  # (T, head_dim) each, shared by the layers
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):  # fp32 matmuls need fp32
             x = x.to(self.residual_dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers):
             if recompute:  # the RNG state is saved and restored, so dropout masks are recomputed identically
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, start_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, signed_sin, None, start_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, kv_cache[i] if kv_cache is not None else None, start_pos)
+                x = layer(x, cos, signed_sin, kv_cache[i] if kv_cache is not None else None, start_pos)
         return self.norm(x)
 
     def forward(

@@ -643,7 +643,9 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        runner = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: the only buffers are the rotary tables, which every rank computes alike;
+        # broadcasting them from rank 0 would cost a collective before every forward pass
+        runner = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     else:
         runner = compiled
     logits_out = not chunked_loss_head(device, cfg.loss_chunking)

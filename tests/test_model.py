@@ -563,6 +563,25 @@ def test_hand_written_rms_norm_and_rotation_match_their_definitions(hand_written
     torch.testing.assert_close(torch.autograd.grad(rotated, qkv, g)[0], torch.autograd.grad(plain, qkv, g)[0])
 
 
+def test_rotary_layer_tables_are_the_sine_with_its_first_half_negated_also_after_meta_init():
+    """The blocks take (cos, signed_sin), made once per model rather than per layer and forward pass; a module
+    built on the meta device and materialised (FSDP, export) recomputes all three tables."""
+    from raylm.model import RotaryEmbedding
+
+    fresh = RotaryEmbedding(16, 32, 10000.0)
+    with torch.device("meta"):
+        late = RotaryEmbedding(16, 32, 10000.0)
+    late.to_empty(device="cpu")
+    late.reset_parameters()
+    for rot in (fresh, late):
+        cos, sin = rot(3, 7)
+        table_cos, signed_sin = rot.layer_tables(3, 7)
+        assert torch.equal(table_cos, cos)
+        assert torch.equal(signed_sin, torch.cat((-sin[:, :8], sin[:, 8:]), dim=-1))
+        assert torch.equal(sin[:, :8], sin[:, 8:])  # the halves repeat: the fused path reads signed_sin[:, 8:]
+    assert torch.equal(late.signed_sin, fresh.signed_sin)
+
+
 def test_hand_written_qkv_split_and_rotation_match_the_plain_ops(hand_written):
     """_RotaryQKV: q and k rotated, v passed through, and one gradient for qkv, also when only some of
     the three outputs are used (autograd then passes None for the others)."""
@@ -643,12 +662,12 @@ def test_compiled_rotation_makes_no_fp32_copy_of_q_and_k():
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     attn = GroupedQueryAttention(config)
-    cos, sin = RotaryEmbedding(config.head_dim, 32, 10000.0)(0, 32)
+    cos, signed_sin = RotaryEmbedding(config.head_dim, 32, 10000.0).layer_tables(0, 32)
     x = torch.randn(2, 32, 64, requires_grad=True)
 
     def step(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = attn(x, cos, sin)
+            y = attn(x, cos, signed_sin)
         y.float().square().sum().backward()
         return x.grad
 

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -125,6 +126,18 @@ class RunPlan:
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # marks this run's checkpoints
 
 
+PATH_FIELDS = ("data_dir", "save_dir", "checkpoint", "init_from")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """cfg with its local paths made absolute against this (the driver's) working folder: Ray Train runs each
+    worker in a folder of its own (under /tmp/ray/session_*/artifacts), where ./processed_data is not the
+    user's. URIs (s3://, gs://, file://) and empty settings stay as they are."""
+    changes = {f: os.path.abspath(os.path.expanduser(v)) for f in PATH_FIELDS
+               if (v := getattr(cfg, f)) and "://" not in v}
+    return dataclasses.replace(cfg, **changes)
+
+
 def plan_run(cfg: TrainConfig) -> RunPlan:
     """Validate the configuration against the data and any checkpoint, before any worker starts.
     Every problem is a ConfigError whose message says what to change."""
@@ -132,6 +145,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
 
     if not cfg.data_dir:
         raise ConfigError("--data_dir is required: the output_dir of `raylm prepare`")
+    cfg = absolute_paths(cfg)
     meta = read_metadata(cfg.data_dir)
     vocab, max_length = int(meta["vocab_size"]), int(meta["max_length"])
     train_rows = int(meta["splits"]["train"]["rows"])
@@ -1057,4 +1071,7 @@ def _explain_failure(err, cfg: TrainConfig) -> str:
                 f"RAY_ADDRESS=auto.{kept}")
     failures = f"after {cfg.max_failures} restart(s) " if cfg.max_failures else ""
     first = [ln for ln in text.splitlines() if ln.strip()][-1:] or [text]
+    if re.search(r"\b(FileNotFoundError|PermissionError|IsADirectoryError|NotADirectoryError|ModuleNotFoundError)\b",
+                 first[0]):  # a restart meets the same again: more restarts cannot help
+        return f"training failed {failures}on a worker: {first[0].strip()}{kept}"
     return (f"training failed {failures}(raise --max_failures to allow more restarts): {first[0].strip()}{kept}")

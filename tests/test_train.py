@@ -1,6 +1,7 @@
 """`raylm train`: the loop on one shared local Ray, tiny models on CPU."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,24 @@ def test_failures_beyond_max_failures_exit_cleanly(ray_session, packed_data, tmp
         train(cfg_for(packed_data, tmp_path, max_steps=12, num_workers=2, micro_batch_size=4, max_failures=0,
                       simulate_failure_at_step=9))
     assert "checkpoint_step_6" in str(err.value)  # says what is kept and how to resume
+
+
+@pytest.mark.ray
+def test_relative_paths_mean_the_users_folder_on_ray_workers(ray_session, packed_data, tmp_path, monkeypatch):
+    """The guide's commands pass ./processed_data and ./checkpoints; Ray Train runs its workers in folders of
+    their own, so the paths are made absolute against the folder the command ran in."""
+    from raylm.train import absolute_paths
+
+    shutil.copytree(packed_data, tmp_path / "processed_data")
+    monkeypatch.chdir(tmp_path)
+    train(cfg_for("./processed_data", "./checkpoints", max_steps=2, save_interval=2))
+    assert (tmp_path / "checkpoints" / "final").is_dir() and summary(tmp_path / "checkpoints")["final_step"] == 2
+    resolved = absolute_paths(cfg_for("data", "run", checkpoint="run/final", init_from="~/model"))
+    assert (resolved.data_dir, resolved.save_dir, resolved.checkpoint, resolved.init_from) == (
+        str(tmp_path / "data"), str(tmp_path / "run"), str(tmp_path / "run" / "final"),
+        str(Path.home() / "model"))
+    remote = absolute_paths(cfg_for("s3://bucket/data", "gs://bucket/run"))
+    assert (remote.data_dir, remote.save_dir) == ("s3://bucket/data", "gs://bucket/run")
 
 
 @pytest.mark.ray

@@ -266,8 +266,9 @@ class TrainConfig:
     hidden_size: int | None = opt(None, "width of the network (overrides model_size)")
     num_layers: int | None = opt(None, "number of transformer blocks")
     num_heads: int | None = opt(None, "attention heads; must divide hidden_size")
-    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention (default: from "
-                                         "--model_size; equal to --num_heads for standard attention)")
+    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention, each shared by "
+                                         "num_heads / num_kv_heads query heads (default: --num_heads, standard "
+                                         "attention, when --num_heads is given; else the model size's)")
     intermediate_size: int | None = opt(None, "SwiGLU hidden width (default: Llama's rule from hidden_size)")
     max_seq_len: int | None = opt(None, "longest context the model supports (default: the data's max_length)")
     rope_theta: float | None = opt(None, "rotary embedding base")
@@ -531,7 +532,8 @@ class PlanConfig:
     hidden_size: int | None = opt(None, "width of the network (overrides model_size)")
     num_layers: int | None = opt(None, "number of transformer blocks")
     num_heads: int | None = opt(None, "attention heads; must divide hidden_size")
-    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention")
+    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention (default: --num_heads "
+                                         "when --num_heads is given; else the model size's)")
     intermediate_size: int | None = opt(None, "SwiGLU hidden width (default: Llama's rule from hidden_size)")
     tie_embeddings: bool | None = opt(None, "share the input embedding with the output layer")
     vocab_size: int = opt(32000, "tokenizer vocabulary size")

@@ -114,12 +114,18 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 def model_config_from(size: str | None, **overrides) -> ModelConfig:
     """The config of a named size (or the defaults when `size` is None) with `overrides` applied.
 
-    Overrides whose value is None are ignored, so unset command-line flags can be passed through.
+    Overrides whose value is None are ignored, so unset command-line flags can be passed through. A
+    num_heads override without a num_kv_heads one means standard attention (num_kv_heads = num_heads), as
+    the guide has it ("omit --num_kv_heads for standard training"); the named sizes' own heads keep their
+    grouped-query attention.
     """
     if size is not None and size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}: choose from {', '.join(MODEL_SIZES)}")
     fields = dict(MODEL_SIZES[size]) if size is not None else {}
-    fields.update({key: value for key, value in overrides.items() if value is not None})
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "num_heads" in given and "num_kv_heads" not in given:
+        given["num_kv_heads"] = given["num_heads"]
+    fields.update(given)
     return ModelConfig(**fields)
 
 

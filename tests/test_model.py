@@ -86,6 +86,17 @@ def test_named_sizes_have_the_advertised_parameter_counts(size, low, high):
     assert model.num_params(exclude_embeddings=True) == model.num_params() - config.vocab_size * config.hidden_size
 
 
+def test_num_heads_without_num_kv_heads_means_standard_attention():
+    """The guide: "--num_kv_heads (optional) ... omit this for standard training". The named sizes keep
+    their own grouped-query attention, and an explicit --num_kv_heads is kept."""
+    assert model_config_from("tiny", hidden_size=256, num_heads=8).num_kv_heads == 8
+    assert model_config_from(None, hidden_size=768, num_layers=12, num_heads=12).num_kv_heads == 12
+    assert model_config_from("small").num_kv_heads == 4
+    assert model_config_from("small", num_layers=12).num_kv_heads == 4
+    assert model_config_from("tiny", num_heads=8, num_kv_heads=2).num_kv_heads == 2
+    assert model_config_from("tiny", num_heads=8, num_kv_heads=None).num_kv_heads == 8  # an unset flag
+
+
 def test_untied_embeddings_add_one_vocabulary_matrix():
     tied, untied = tiny_model(tie_embeddings=True), tiny_model(tie_embeddings=False)
     assert untied.num_params() - tied.num_params() == VOCAB * 64

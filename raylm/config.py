@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
@@ -22,9 +23,12 @@ from typing import Any
 import yaml
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, flag_const: Any = None, **kw):
-    """A dataclass field with its help text (and optional choices / bare-flag value)."""
-    meta = {"help": help, "choices": choices, "flag_const": flag_const}
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag_const: Any = None,
+        bool_values: tuple[str, str] | None = None, **kw):
+    """A dataclass field with its help text (and optional choices / bare-flag value). bool_values: the
+    settings that true and false (yes/no, on/off, 1/0; YAML booleans) stand for, for a switch with more
+    than two positions (--mixed_precision true means auto)."""
+    meta = {"help": help, "choices": choices, "flag_const": flag_const, "bool_values": bool_values}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -82,6 +86,19 @@ def _coerce(name: str, tp, value):
     return value
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _switch_value(bool_values: tuple[str, str], value):
+    """A boolean spelling of a many-valued switch (True, "true", "no", ...) as the setting it stands for;
+    anything else as it is."""
+    if isinstance(value, bool):
+        return bool_values[0] if value else bool_values[1]
+    if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+        return bool_values[0] if value.lower() in TRUE_WORDS else bool_values[1]
+    return value
+
+
 def field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -110,6 +127,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
 def build_config(cls, yaml_path=None, overrides: dict | None = None, yaml_data: dict | None = None):
     """Defaults < YAML file < overrides (flags). Unknown keys are errors."""
     types_ = field_types(cls)
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     layers = []
     if yaml_path:
@@ -122,6 +140,8 @@ def build_config(cls, yaml_path=None, overrides: dict | None = None, yaml_data: 
         data = {k.replace("-", "_"): v for k, v in data.items()}
         _check_keys(cls, data, source)
         for key, value in data.items():
+            if bool_values := fields_[key].metadata.get("bool_values"):
+                value = _switch_value(bool_values, value)
             values[key] = _coerce(key, types_[key], value)
     try:
         return cls(**values)
@@ -161,6 +181,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, skip: tuple[str,
         kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
+        if meta.get("bool_values"):  # before argparse checks the choices
+            kwargs["type"] = functools.partial(_switch_value, meta["bool_values"])
         if tp is bool:
             # `--mixed_precision` alone means true; `--flag false` also works.
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
@@ -293,8 +315,9 @@ class TrainConfig:
                                "unset: GPUs when there are any (this machine's with --launcher local, the Ray "
                                "cluster's otherwise)")
     cpus_per_worker: int = opt(1, "CPU cores reserved per worker")
-    mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag means auto (bf16 where supported, "
-                               "else fp16 with loss scaling)", choices=PRECISIONS, flag_const="auto")
+    mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag (or true) means auto (bf16 where "
+                               "supported, else fp16 with loss scaling), false means off", choices=PRECISIONS,
+                               flag_const="auto", bool_values=("auto", "off"))
     compile_model: bool = opt(False, "torch.compile the model (warmed up before timing starts)")
     compile_mode: str = opt("default", "with --compile_model: default (inductor's own kernel settings); "
                             "tune-kernels (inductor's coordinate-descent search for each fused kernel's block sizes "
@@ -544,7 +567,7 @@ class PlanConfig:
     num_workers: int = opt(1, "training workers, one GPU each")
     strategy: str = opt("ddp", "ddp or fsdp (as `raylm train --strategy`)", choices=STRATEGIES)
     mixed_precision: str = opt("bf16", "off | auto | bf16 | fp16 (as `raylm train`; auto counts as bf16)",
-                               choices=PRECISIONS, flag_const="auto")
+                               choices=PRECISIONS, flag_const="auto", bool_values=("auto", "off"))
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
     residual_dtype: str = opt("fp32", "fp32 or bf16 (as `raylm train --residual_dtype`)", choices=RESIDUAL_DTYPES)
     gpu_memory_gb: float = opt(80.0, "memory of one GPU in GiB (H100: 80, A100: 40 or 80, L4: 24)")

@@ -204,6 +204,27 @@ def test_raylm_plan_prints_the_table_and_the_largest_micro_batch(capsys):
     assert "residual_dtype bf16 needs --mixed_precision bf16" in capsys.readouterr().err
 
 
+def test_mixed_precision_takes_true_and_false_as_the_guides_switch(tmp_path, capsys):
+    """The guide treats --mixed_precision as on/off: true (and the bare flag) mean auto, false means off, on
+    the command line and in YAML (where `true` is a boolean); other words are still refused."""
+    from raylm.config import TrainConfig, build_config
+
+    small = ["plan", "--model_size", "small", "--max_length", "1024", "--micro_batch_size", "8"]
+    tables = {}
+    for setting in ("off", "false", "auto", "true", "yes", None):
+        assert main([*small, "--mixed_precision"] + ([setting] if setting else [])) == 0
+        tables[setting] = capsys.readouterr().out
+    assert tables["false"] == tables["off"] != tables["auto"]
+    assert tables["true"] == tables["yes"] == tables[None] == tables["auto"]
+    (tmp_path / "on.yaml").write_text("mixed_precision: true\n")
+    (tmp_path / "off.yaml").write_text("mixed_precision: false\n")
+    assert build_config(TrainConfig, tmp_path / "on.yaml").mixed_precision == "auto"
+    assert build_config(TrainConfig, tmp_path / "off.yaml").mixed_precision == "off"
+    with pytest.raises(SystemExit):
+        main([*small, "--mixed_precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_training_banner_prints_the_estimate(packed_data, tmp_path, capsys):
     from raylm.config import TrainConfig, build_config
     from raylm.train import train

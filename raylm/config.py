@@ -314,7 +314,9 @@ class TrainConfig:
     use_gpu: bool | None = opt(None, "train on GPUs, one per worker: the bare flag or true; false keeps to CPU; "
                                "unset: GPUs when there are any (this machine's with --launcher local, the Ray "
                                "cluster's otherwise)")
-    cpus_per_worker: int = opt(1, "CPU cores reserved per worker")
+    cpus_per_worker: int | None = opt(None, "CPU cores reserved per worker, also its PyTorch threads (default: "
+                                      "on CPU, the Ray cluster's cores shared among the workers; with GPUs, a GPU "
+                                      "node's cores per GPU, at most 8; 1 per worker in raylm tune's trials)")
     mixed_precision: str = opt("off", "off | auto | bf16 | fp16; the bare flag (or true) means auto (bf16 where "
                                "supported, else fp16 with loss scaling), false means off", choices=PRECISIONS,
                                flag_const="auto", bool_values=("auto", "off"))
@@ -363,7 +365,7 @@ class TrainConfig:
     def __post_init__(self):
         positive = ("batch_size", "max_steps", "num_workers", "cpus_per_worker", "log_interval", "keep_checkpoints")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be at least 1")
         for name in ("warmup_steps", "eval_interval", "eval_steps", "save_interval", "max_failures"):
             if getattr(self, name) < 0:

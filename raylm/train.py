@@ -683,7 +683,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     say("=" * 60)
     say("Training Configuration")
     say("=" * 60)
-    say(f"Device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+    say(f"Device: {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
+        f" | CPU threads: {torch.get_num_threads()}")
     say(f"Distributed: {world > 1} (World size: {world})")
     strategy_note = ""
     if sharded:
@@ -902,7 +903,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     if is_main:
         waits = np.array(data_wait[1:] or [0.0])
         summary = {"start_step": start_step, "final_step": step, "world_size": world, "strategy": cfg.strategy,
-                   "tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
+                   "cpu_threads": torch.get_num_threads(), "tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
                    "data_wait_p95_s": float(np.percentile(waits, 95)),
                    "data_wait_p95_fraction": p95_wait_fraction(data_wait, step_times),
                    "nonfinite_steps": nonfinite_total, "final_val_loss": last_val,
@@ -1003,6 +1004,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         ensure_ray()
         plan = _decide_device(plan, gpu_count(ray_cluster=True))
+        plan = _decide_cpus(plan)
         if not cfg.wait_for_workers:
             _check_cluster_fits(plan.cfg)
         trainer = build_trainer(plan)
@@ -1034,6 +1036,16 @@ def decide_use_gpu(cfg: TrainConfig, gpus: int) -> TrainConfig:
 
 def _decide_device(plan: RunPlan, gpus: int) -> RunPlan:
     return dataclasses.replace(plan, cfg=decide_use_gpu(plan.cfg, gpus))
+
+
+def _decide_cpus(plan: RunPlan) -> RunPlan:
+    """--cpus_per_worker as given, or (unset) from the cluster (runtime.cpus_per_worker)."""
+    if plan.cfg.cpus_per_worker is not None:
+        return plan
+    from raylm.runtime import cpus_per_worker
+
+    each = cpus_per_worker(plan.cfg.num_workers, bool(plan.cfg.use_gpu))
+    return dataclasses.replace(plan, cfg=dataclasses.replace(plan.cfg, cpus_per_worker=each))
 
 
 def _train_local(plan: RunPlan) -> tuple[str | None, dict]:

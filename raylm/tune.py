@@ -115,7 +115,7 @@ def trial_config(base: dict, learning_rate: float, warmup_steps: int, save_dir: 
 
 def shared_train_settings(cfg: TrainConfig) -> dict:
     """The TrainConfig every trial starts from, with absolute paths (trials run in Tune's working folders)."""
-    base = to_dict(cfg) | {"save_dir": os.path.abspath(cfg.save_dir)}
+    base = to_dict(cfg) | {"save_dir": os.path.abspath(cfg.save_dir), "cpus_per_worker": cfg.cpus_per_worker or 1}
     if not is_remote(cfg.data_dir):
         base["data_dir"] = os.path.abspath(cfg.data_dir)
     return base
@@ -385,6 +385,8 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     ensure_ray()
     # --use_gpu unset: GPUs when the cluster has any (cfg itself stays as given: the sweep's saved settings)
     trial_cfg = decide_use_gpu(cfg, gpu_count(ray_cluster=True))
+    # trials share the cluster: one core per worker unless --cpus_per_worker says otherwise
+    trial_cfg = dataclasses.replace(trial_cfg, cpus_per_worker=cfg.cpus_per_worker or 1)
     at_once = trials_at_once(tcfg, trial_cfg)
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, base=shared_train_settings(trial_cfg)),
                                         TRIAL_FUNCTION_RESOURCES)

@@ -12,6 +12,7 @@ import torch
 from raylm import checkpoint as ckpt
 from raylm.config import ConfigError, TrainConfig, build_config
 from raylm.metrics import read_jsonl
+from raylm.runtime import cpu_count
 from raylm.train import SimulatedFailure, TrainingError, lr_at, plan_run, train
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, learning_rate=1e-2, warmup_steps=3,
@@ -289,12 +290,32 @@ def test_relative_paths_mean_the_users_folder_on_ray_workers(ray_session, packed
     monkeypatch.chdir(tmp_path)
     train(cfg_for("./processed_data", "./checkpoints", max_steps=2, save_interval=2))
     assert (tmp_path / "checkpoints" / "final").is_dir() and summary(tmp_path / "checkpoints")["final_step"] == 2
+    # --cpus_per_worker unset: the one worker gets the cluster's cores (the test Ray's 4 logical CPUs, but no
+    # more threads than this machine has cores), not one core of them
+    assert summary(tmp_path / "checkpoints")["cpu_threads"] == min(4, cpu_count())
     resolved = absolute_paths(cfg_for("data", "run", checkpoint="run/final", init_from="~/model"))
     assert (resolved.data_dir, resolved.save_dir, resolved.checkpoint, resolved.init_from) == (
         str(tmp_path / "data"), str(tmp_path / "run"), str(tmp_path / "run" / "final"),
         str(Path.home() / "model"))
     remote = absolute_paths(cfg_for("s3://bucket/data", "gs://bucket/run"))
     assert (remote.data_dir, remote.save_dir) == ("s3://bucket/data", "gs://bucket/run")
+
+
+def test_unset_cpus_per_worker_gives_each_worker_what_the_cluster_can_place():
+    """CPU workers share the nodes' cores in whole workers per node; GPU workers get their node's cores per GPU,
+    at most 8; a one-node cluster counts no more cores than the machine has."""
+    from raylm.runtime import cores_per_worker
+
+    assert cores_per_worker([{"CPU": 8.0}], 1, False, local_cores=8) == 8
+    assert cores_per_worker([{"CPU": 8.0}], 2, False, local_cores=8) == 4
+    assert cores_per_worker([{"CPU": 8.0}], 3, False, local_cores=8) == 2
+    assert cores_per_worker([{"CPU": 4.0}], 1, False, local_cores=2) == 2  # a local Ray told of 4 CPUs on 2 cores
+    assert cores_per_worker([{"CPU": 16.0}, {"CPU": 4.0}], 2, False, local_cores=2) == 8  # both on the big node
+    assert cores_per_worker([{"CPU": 16.0}, {"CPU": 4.0}], 5, False, local_cores=2) == 4
+    assert cores_per_worker([{"CPU": 0.0}], 1, False, local_cores=8) == 1  # nothing to place on yet
+    assert cores_per_worker([{"CPU": 96.0, "GPU": 8.0}], 8, True, local_cores=96) == 8
+    assert cores_per_worker([{"CPU": 16.0, "GPU": 8.0}, {"CPU": 8.0}], 8, True, local_cores=16) == 2
+    assert cores_per_worker([{"CPU": 8.0}], 1, True, local_cores=8) == 1  # no GPU node (yet)
 
 
 @pytest.mark.ray

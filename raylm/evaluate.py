@@ -69,13 +69,13 @@ def rows_from_text(texts: list[str], tokenizer, max_length: int, pad_id: int) ->
 
 def _read_input_texts(cfg: EvalConfig) -> tuple[list[str], list]:
     """Documents of the raw files, read and checked exactly as `raylm prepare` reads them."""
-    from raylm.sources import discover, input_filesystem, read_source
+    from raylm.sources import discover, read_source, reading_filesystem
 
     try:
         discovery = discover(cfg.input_dir, cfg.extensions, max_file_mb=512.0)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    fs = input_filesystem(cfg.input_dir)[0] if "://" in cfg.input_dir else None
+    fs = reading_filesystem(cfg.input_dir)
     texts, skipped = [], list(discovery.skipped)
     for source in discovery.files:
         parsed = read_source(source, fs, max_bytes=512 << 20, text_field=cfg.text_field, encoding_errors="strict")

@@ -2,7 +2,7 @@
 
     raylm prepare --input_dir ./raw_text_data --output_dir ./processed_data --extensions .txt .md .json .jsonl
 
-`discover` walks the input folder (a local path, or an s3:// gs:// file:// URI read through pyarrow's
+`discover` walks the input folder (a local path or file:// URI, or an s3:// gs:// URI read through pyarrow's
 filesystems) and sorts what it finds into files to read and files skipped for a reason that can be
 seen before reading (size cap, symlinks that leave the folder, FIFOs and devices). `read_source`
 then turns one file into documents, or into a skip reason: binary, invalid UTF-8, empty,
@@ -80,17 +80,31 @@ class ParsedFile:
     bad_lines: int = 0  # JSON Lines lines (or JSON array items) that held no usable text
 
 
+def file_uri_path(input_dir: str) -> str | None:
+    """The local path of a file:// URI (None for anything else). Such a folder is walked and read as the
+    local folder it is, so that its symlinks are judged like any local folder's: pyarrow's local
+    filesystem follows them, out of the folder too."""
+    if not input_dir.startswith("file://"):
+        return None
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(input_dir)
+    if parsed.netloc not in ("", "localhost"):
+        raise FileNotFoundError(f"{input_dir}: a file:// URI names a folder on this machine (file:///path)")
+    return unquote(parsed.path)
+
+
 def input_filesystem(input_dir: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) of the input folder; `file://` URIs included."""
-    if "://" in input_dir:
+    """(pyarrow filesystem, path inside it) of the input folder."""
+    if "://" in input_dir and file_uri_path(input_dir) is None:
         return pafs.FileSystem.from_uri(input_dir)
-    return storage.filesystem(input_dir)
+    return storage.filesystem(file_uri_path(input_dir) or input_dir)
 
 
 def reading_filesystem(input_dir: str) -> pafs.FileSystem | None:
-    """The filesystem `read_source` reads input_dir's files through: None for a local folder
-    (plain `open`, so symlinks and FIFOs were judged by `discover` first)."""
-    return input_filesystem(input_dir)[0] if "://" in input_dir else None
+    """The filesystem `read_source` reads input_dir's files through: None for a local folder, file://
+    included (plain `open`, so symlinks and FIFOs were judged by `discover` first)."""
+    return input_filesystem(input_dir)[0] if "://" in input_dir and file_uri_path(input_dir) is None else None
 
 
 def _extension(name: str) -> str:
@@ -103,10 +117,11 @@ def discover(input_dir: str, extensions: list[str], max_file_mb: float, exclude:
 
     Raises FileNotFoundError when input_dir does not exist or is not a folder."""
     max_bytes = int(max_file_mb * 1e6)
-    if "://" in input_dir:
+    local = file_uri_path(input_dir) if "://" in input_dir else input_dir
+    if local is None:  # an object store: no symlinks, FIFOs or devices to judge
         files, skipped, other = _walk_filesystem(input_dir, set(extensions), max_bytes)
     else:
-        files, skipped, other = _walk_local(input_dir, set(extensions), max_bytes, exclude)
+        files, skipped, other = _walk_local(local, set(extensions), max_bytes, exclude)
     files.sort(key=lambda f: f.relpath)
     skipped.sort(key=lambda s: s.path)
     return Discovery(input_dir, files, skipped, other)

@@ -299,7 +299,7 @@ def test_the_input_fingerprint_sees_added_and_touched_files(tmp_path):
 def test_other_tokenizer_kinds_end_to_end(ray_session, tmp_path, kind):
     raw = write_corpus(tmp_path / "raw", n_files=8, seed=3, bad=False)
     out = tmp_path / "out"
-    input_dir = f"file://{raw}" if kind == "tiktoken" else raw  # the path of s3:// and gs:// inputs
+    input_dir = f"file://{raw}" if kind == "tiktoken" else raw  # a file:// URI reads as the local folder
     meta = prepare(config(input_dir, out, tokenizer_type=kind, overlap=0, val_fraction=0.3))
     tok = load_tokenizer(out)
     assert tok.kind == meta["tokenizer_type"] == kind

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+from urllib.parse import quote
 
+import pyarrow.fs as pafs
 import pytest
 
-from raylm.sources import SKIP_REASONS, discover, parse_documents, read_source
+from raylm.sources import SKIP_REASONS, discover, parse_documents, read_source, reading_filesystem
 
 MB = 1e6
 
@@ -128,15 +130,29 @@ def test_a_file_that_vanishes_or_grows_after_discovery_is_reported(tmp_path):
     assert parsed["grows.txt"].skip.reason == "too_large"
 
 
-def test_uri_input_goes_through_pyarrow_filesystems(messy):
-    """file:// takes the code path of s3:// and gs:// (pyarrow's FileSystem.from_uri)."""
-    from raylm.sources import input_filesystem
+def test_file_uri_is_the_local_folder_with_its_symlinks_judged_alike(messy):
+    """A file:// URI is walked and read as the local folder: links that leave it are skipped, not followed
+    (pyarrow's local filesystem follows them, which would read outside/secret.txt)."""
+    local = discover(str(messy), [".txt", ".md"], max_file_mb=1)
+    uri = discover(f"file://{quote(str(messy))}", [".txt", ".md"], max_file_mb=1)
+    assert [(f.path, f.relpath) for f in uri.files] == [(f.path, f.relpath) for f in local.files]
+    assert uri.skipped == local.skipped
+    assert {s.path for s in uri.skipped if s.reason == "symlink_outside_input"} == {"leak.txt", "leakdir"}
+    assert reading_filesystem(f"file://{messy}") is None  # read with plain open, as a local folder
+    with pytest.raises(FileNotFoundError, match="file:///path"):
+        discover(f"file://otherhost{messy}", [".txt"], max_file_mb=1)
+
+
+def test_object_store_walk_goes_through_pyarrow_filesystems(messy):
+    """s3:// and gs:// folders are walked and read through pyarrow's filesystems (here its local one, on the
+    regular files: object stores have no symlinks or FIFOs)."""
+    from raylm.sources import _walk_filesystem
 
     local = discover(str(messy), [".txt", ".md"], max_file_mb=1)
-    remote = discover(f"file://{messy}", [".txt", ".md"], max_file_mb=1)
-    fs, _ = input_filesystem(f"file://{messy}")
+    fs = pafs.LocalFileSystem()
+    files, _, _ = _walk_filesystem(f"file://{messy}", {".txt", ".md"}, int(MB))
+    by_path = {f.relpath: f for f in files}
     good = {f.relpath for f in local.files} - {"dangling.txt", "pipe.txt"}
-    by_path = {f.relpath: f for f in remote.files}
     assert good <= set(by_path)
     for relpath in ("good.txt", "sub/notes.md"):
         a = read_source(by_path[relpath], fs, max_bytes=int(MB), text_field="text", encoding_errors="strict")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from raylm import __version__
 from raylm.config import ConfigError
-from raylm.storage import atomic_write_json, tmp_name
+from raylm.storage import atomic_write_json, plain_name, tmp_name
 
 CKPT_RE = re.compile(r"^checkpoint_step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ def write_checkpoint_files(directory: str | os.PathLike, *, model_state: dict, o
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=False)
     for name, data in (extra_files or {}).items():
-        (directory / name).write_bytes(data)
+        (directory / plain_name(name, "a checkpoint's extra files")).write_bytes(data)
     tensors, aliases = dedupe_shared(model_state)
     save_file(tensors, str(directory / "model.safetensors"),
               metadata={"format": "pt", "raylm": __version__, "aliases": json.dumps(aliases)})

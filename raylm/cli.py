@@ -166,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return HANDLERS[args.command](args)
-    except ConfigError as e:
+    except ConfigError as e:  # raylm.storage.UnsafeName too
         print(f"raylm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, FloatingPointError, ConnectionError, OSError) as e:
         message = explain_error(e)
+        if message is None and isinstance(e, OSError):  # a missing file, a full disk, no permission: its own words
+            message = str(e) if isinstance(e, FileExistsError) else f"{type(e).__name__}: {e}"
         if message is None:
             raise
         print(f"raylm {args.command}: error: {message}", file=sys.stderr)

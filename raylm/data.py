@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raylm.config import ConfigError
-from raylm.storage import filesystem, is_remote, read_json
+from raylm.storage import filesystem, is_remote, read_json, relative_inside
 
 IGNORE_INDEX = -100  # label value the model's loss ignores (padding)
 
@@ -56,7 +56,8 @@ class PackedRows:
         fs, root = filesystem(data_dir)
         tokens, lengths = [], []
         for entry in files:
-            table = pq.read_table(f"{root.rstrip('/')}/{entry['path']}", filesystem=fs,
+            shard = relative_inside(entry["path"], f"{data_dir}/metadata.json")
+            table = pq.read_table(f"{root.rstrip('/')}/{shard}", filesystem=fs,
                                   columns=["input_ids", "length"])
             col = table.column("input_ids").combine_chunks()
             width = col.type.list_size

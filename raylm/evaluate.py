@@ -21,6 +21,7 @@ import torch
 from raylm import checkpoint as ckpt
 from raylm.config import ConfigError, EvalConfig
 from raylm.data import PackedRows, read_metadata
+from raylm.storage import plain_name
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> Loaded:
     model.to(device).eval()
     tokenizer = None
     name = (state.get("data") or {}).get("tokenizer_file")
-    if name and (folder / name).is_file():
+    if name and (folder / plain_name(name, f"{folder}/state.json")).is_file():
         from raylm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(folder / name)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from raylm.model import LLMModel, ModelConfig
+from raylm.storage import plain_name
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded checkpoints (large HF models)
@@ -248,7 +249,8 @@ def export_hf(
     config = model.config
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists: choose another output_dir or pass overwrite=True")
+        raise FileExistsError(f"{output_dir} already exists: choose another output folder, or replace it with "
+                              "--overwrite (overwrite=True from Python)")
 
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir is not None else None
     tokenizer = None
@@ -313,7 +315,7 @@ def _load_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads((model_dir / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(model_dir / shard))
+            tensors.update(load_file(model_dir / plain_name(shard, str(model_dir / WEIGHTS_INDEX_NAME))))
         return tensors
     raise FileNotFoundError(
         f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {model_dir}: raylm reads safetensors only, never "

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
+
+from raylm.config import ConfigError
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")
 
@@ -25,6 +27,32 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if is_remote(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+class UnsafeName(ConfigError):
+    """A file name read from a metadata.json, state.json or index file that would leave its folder."""
+
+
+def plain_name(name, source: str) -> str:
+    """`name` if it is a plain file name (no folder part, not . or .., not hidden), the kind raylm writes into
+    metadata.json and state.json; UnsafeName otherwise, naming `source`. Such names are joined to the folder
+    that holds the file: one edited (or shared) to say ../secret or /etc/passwd must not read or write there."""
+    if not isinstance(name, str) or not name or name != PurePosixPath(name).name or name.startswith(".") \
+            or "\\" in name:
+        raise UnsafeName(f"{source} names the file {name!r}, which is not a plain file name in its folder: "
+                         "refusing to read or write outside the folder (was the file edited?)")
+    return name
+
+
+def relative_inside(path, source: str) -> str:
+    """`path` if it is a relative path that stays inside its folder (no .., not absolute), as the shard paths
+    in metadata.json are (dataset/train/part-00000.parquet); UnsafeName otherwise."""
+    parts = PurePosixPath(path).parts if isinstance(path, str) else ()
+    if not parts or PurePosixPath(path).is_absolute() or any(p in ("..", ".") or p.startswith(".") for p in parts) \
+            or "\\" in path:
+        raise UnsafeName(f"{source} names the path {path!r}, which leaves its folder: refusing to read it "
+                         "(was the file edited?)")
+    return path
 
 
 def tmp_name(path: str | os.PathLike) -> Path:

@@ -332,7 +332,8 @@ def load_tokenizer(path: str | os.PathLike, backend: str | None = None) -> Raylm
         meta_path = path / "metadata.json"
         if meta_path.is_file():
             meta = storage.read_json(meta_path)
-            return load_tokenizer(path / meta["tokenizer_file"], backend or meta.get("tokenizer_backend"))
+            name = storage.plain_name(meta.get("tokenizer_file"), str(meta_path))
+            return load_tokenizer(path / name, backend or meta.get("tokenizer_backend"))
         candidates = [path / f for f in (HF_FILE, TIKTOKEN_FILE) if (path / f).is_file()]
         if not candidates:
             raise FileNotFoundError(f"{path} holds no metadata.json, {HF_FILE} or {TIKTOKEN_FILE}: "

@@ -503,7 +503,9 @@ def _tokenizer_files(meta: dict, data_dir: str) -> dict[str, bytes]:
     name = meta.get("tokenizer_file")
     if not name:
         return {}
-    from raylm.storage import filesystem
+    from raylm.storage import filesystem, plain_name
+
+    plain_name(name, f"{data_dir}/metadata.json")
 
     fs, root = filesystem(data_dir)
     files = {}

@@ -81,3 +81,51 @@ def test_resume_accepts_the_single_file_name_and_lists_what_is_kept(tmp_path):
         ckpt.resolve(tmp_path / "checkpoint_step_5000.pt")
     with pytest.raises(ConfigError, match=r"does not exist$"):
         ckpt.resolve(tmp_path / "nowhere" / "checkpoint_step_1")
+
+
+def test_file_names_read_from_metadata_state_and_index_files_never_leave_their_folder(packed_data, tmp_path):
+    """metadata.json, state.json and a safetensors index name files that raylm joins to their folder; one
+    edited (or shared) to name ../secret must not make raylm read or write outside that folder."""
+    import shutil
+
+    from raylm.data import PackedRows
+    from raylm.evaluate import load_checkpoint
+    from raylm.export import _load_hf_weights
+    from raylm.storage import UnsafeName
+    from raylm.tokenizer import load_tokenizer
+    from raylm.train import _tokenizer_files
+
+    (tmp_path / "secret.txt").write_text("must not be read")
+    data = tmp_path / "data"
+    shutil.copytree(packed_data, data)
+    meta = json.loads((data / "metadata.json").read_text())
+    for name in ("../secret.txt", str(tmp_path / "secret.txt"), "sub/../../secret.txt", ".hidden"):
+        with pytest.raises(UnsafeName, match="not a plain file name"):
+            _tokenizer_files(meta | {"tokenizer_file": name}, str(data))
+        (data / "metadata.json").write_text(json.dumps(meta | {"tokenizer_file": name}))
+        with pytest.raises(UnsafeName):
+            load_tokenizer(data)
+    shard = meta["splits"]["train"]["files"][0]
+    meta["splits"]["train"]["files"][0] = shard | {"path": "../" + shard["path"]}
+    with pytest.raises(UnsafeName, match="leaves its folder"):
+        PackedRows(str(data), "train", meta)
+
+    from raylm.model import LLMModel, ModelConfig
+
+    config = ModelConfig(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, max_seq_len=8)
+    shared = ckpt.write_checkpoint_files(  # a complete checkpoint whose state.json names a file outside it
+        tmp_path / "run" / "checkpoint_step_2", model_state=LLMModel(config).state_dict(), optimizer_state=None,
+        rng_states=None, state={"step": 2, "model_config": config.__dict__,
+                                "data": {"tokenizer_file": "../../secret.txt"}})
+    with pytest.raises(UnsafeName):
+        load_checkpoint(str(shared))
+    with pytest.raises(UnsafeName):
+        ckpt.write_checkpoint_files(tmp_path / "new", model_state={"a": torch.zeros(1)}, optimizer_state=None,
+                                    rng_states=None, state={"step": 1}, extra_files={"../escaped.txt": b"x"})
+    assert not (tmp_path / "escaped.txt").exists()
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../secret.safetensors"}}))
+    with pytest.raises(UnsafeName):
+        _load_hf_weights(hf)

@@ -56,11 +56,14 @@ import pyarrow.parquet as pq
 from raylm import __version__, storage
 from raylm.config import ConfigError, PrepareConfig, to_dict
 from raylm.sources import SKIP_REASONS, Discovery, SourceFile, Skipped, discover, read_source, reading_filesystem
-from raylm.tokenizer import RaylmTokenizer, load_tokenizer, named_tiktoken, train_tokenizer
+from raylm.tokenizer import (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_SIDECAR, RaylmTokenizer, load_tokenizer, named_tiktoken,
+                             train_tokenizer)
 
 METADATA = "metadata.json"
 DATASET_DIR = "dataset"
-BUILD_DIR = ".dataset-building"  # rows of an unfinished run; renamed to dataset/ when complete
+NEXT_DIR = ".next"  # a run's tokenizer and dataset/ while it builds them; moved into place when complete
+PREVIOUS_DIR = ".previous"  # the replaced dataset, for the moment of the swap
+OLD_BUILD_DIR = ".dataset-building"  # where raylm 0.x before NEXT_DIR built its rows: removed when seen
 TOKENIZER_STAMP = ".tokenizer-stamp.json"  # which inputs and settings trained the saved tokenizer
 SPLITS = ("train", "val")
 FILE_COLUMNS = ("relpath", "skip_reason", "skip_detail", "size", "bad_lines")  # per file, from the workers
@@ -484,22 +487,34 @@ def _write_stamp(out: Path, key: str, tok: RaylmTokenizer) -> None:
                                                       "backend": tok.backend})
 
 
-def _start_tokenizer(cfg: PrepareConfig, discovery: Discovery, out: Path, key: str):
+def _stamped_tokenizer(folder: Path, key: str) -> RaylmTokenizer | None:
+    """The tokenizer saved in folder by a run with the same inputs and settings (key), if it is intact."""
+    stamp_path = folder / TOKENIZER_STAMP
+    if not stamp_path.is_file():
+        return None
+    stamp = storage.read_json(stamp_path)
+    tok_path = folder / storage.plain_name(stamp.get("file"), str(stamp_path))
+    if stamp.get("key") != key or not tok_path.is_file():
+        return None
+    tok = load_tokenizer(tok_path, backend=stamp["backend"])
+    return tok if tok.sha256 == stamp["sha256"] else None
+
+
+def _start_tokenizer(cfg: PrepareConfig, discovery: Discovery, out: Path, key: str, finished: Path | None = None):
     """(ObjectRef of the tokenizer package, the tokenizer if it is already in out, else None).
 
-    Reuses the tokenizer an earlier run made from the same input and settings; loads a named
-    tiktoken encoding; or reads the sample here and trains in a Ray task."""
+    Reuses the tokenizer an earlier run made from the same input and settings (in out, from an interrupted
+    run, or in `finished`, the folder of the complete dataset, copied into out); loads a named tiktoken
+    encoding; or reads the sample here and trains in a Ray task."""
     import ray
 
-    stamp_path = out / TOKENIZER_STAMP
-    if stamp_path.is_file():
-        stamp = storage.read_json(stamp_path)
-        tok_path = out / stamp["file"]
-        if stamp["key"] == key and tok_path.is_file():
-            tok = load_tokenizer(tok_path, backend=stamp["backend"])
-            if tok.sha256 == stamp["sha256"]:
-                print(f"Reusing the {tok.kind} tokenizer of an earlier run ({tok_path.name}, vocab {tok.vocab_size:,})")
-                return ray.put(_tokenizer_package(tok)), tok
+    tok = _stamped_tokenizer(out, key)
+    if tok is None and finished is not None and (earlier := _stamped_tokenizer(finished, key)) is not None:
+        tok = _load_package(_tokenizer_package(earlier), out)
+        _write_stamp(out, key, tok)
+    if tok is not None:
+        print(f"Reusing the {tok.kind} tokenizer of an earlier run ({tok.path.name}, vocab {tok.vocab_size:,})")
+        return ray.put(_tokenizer_package(tok)), tok
     if cfg.tokenizer_file:
         try:
             given = load_tokenizer(cfg.tokenizer_file)
@@ -578,13 +593,14 @@ class _FileTally:
         return True
 
 
-def _tokenize_and_write(cfg: PrepareConfig, discovery: Discovery, out: Path, build: Path, key: str) -> dict:
-    """Train or load the tokenizer while Ray Data starts workers that tokenize every file; pack
-    and write the rows here, in file order."""
+def _tokenize_and_write(cfg: PrepareConfig, discovery: Discovery, out: Path, build: Path, key: str,
+                        finished: Path | None = None) -> dict:
+    """Train or load the tokenizer (into out) while Ray Data starts workers that tokenize every file; pack
+    and write the rows into build, in file order."""
     import ray
 
     t = time.perf_counter()
-    tokenizer_ref, tok = _start_tokenizer(cfg, discovery, out, key)
+    tokenizer_ref, tok = _start_tokenizer(cfg, discovery, out, key, finished)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = min(cfg.num_workers, cpus)
     if workers < cfg.num_workers:
@@ -658,7 +674,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                   f"(delete {meta_path} to rebuild it)")
             _print_summary(previous)
             return previous
-        meta_path.unlink()  # from here on the folder holds no complete dataset
+        # the finished dataset stays usable until the new one is complete (_swap_in)
+        print(f"Rebuilding {out}: input files or settings changed (the current dataset stays until the new "
+              "one is complete)")
     if not discovery.files:
         raise _nothing_usable(cfg, discovery, discovery.skipped)
     out.mkdir(parents=True, exist_ok=True)
@@ -671,22 +689,43 @@ def prepare(cfg: PrepareConfig) -> dict:
     threading.Thread(target=_import_ray_data, name="raylm-import-ray-data", daemon=True).start()
 
     t = time.perf_counter()
-    build = out / BUILD_DIR
-    shutil.rmtree(build, ignore_errors=True)
+    stage = out / NEXT_DIR  # the new tokenizer and rows, out of the way of the finished dataset
+    shutil.rmtree(out / OLD_BUILD_DIR, ignore_errors=True)
+    shutil.rmtree(stage / DATASET_DIR, ignore_errors=True)  # rows of an interrupted run (its tokenizer is kept)
+    stage.mkdir(parents=True, exist_ok=True)
     tokenizer_key = _fingerprint({"input": fingerprint, "settings": _settings(cfg, TOKENIZER_SETTINGS)})
-    result = _tokenize_and_write(cfg, discovery, out, build, tokenizer_key)
-    shutil.rmtree(out / DATASET_DIR, ignore_errors=True)
-    os.replace(build, out / DATASET_DIR)
+    result = _tokenize_and_write(cfg, discovery, stage, stage / DATASET_DIR, tokenizer_key, finished=out)
     # sample, training and the workers' start, up to the first tokenized files; then the rest
     timings["tokenizer_and_worker_start"] = result["startup_seconds"]
     timings["tokenize_and_write"] = time.perf_counter() - t - result["startup_seconds"]
     timings["total"] = time.perf_counter() - started
 
     meta = _metadata(cfg, discovery, result, timings, fingerprint, settings_fingerprint)
-    storage.atomic_write_json(meta_path, meta)
+    _swap_in(stage, out, meta)
     _print_summary(meta)
     print(f"Wrote {out} in {timings['total']:.1f} s ({meta['text_bytes'] / 1e6 / timings['total']:.1f} MB/s)")
     return meta
+
+
+TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_SIDECAR, TOKENIZER_STAMP)
+
+
+def _swap_in(stage: Path, out: Path, meta: dict) -> None:
+    """Replace out's dataset and tokenizer with the complete ones in stage, metadata.json last: it marks a
+    complete dataset, so a crash in these few renames leaves a folder that the next run rebuilds (reusing
+    the tokenizer), never one whose rows and tokenizer disagree."""
+    previous = out / PREVIOUS_DIR
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    (out / METADATA).unlink(missing_ok=True)
+    for name in (DATASET_DIR, *TOKENIZER_FILES):
+        if (out / name).exists():
+            os.replace(out / name, previous / name)
+    for entry in stage.iterdir():
+        os.replace(entry, out / entry.name)
+    storage.atomic_write_json(out / METADATA, meta)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _metadata(cfg: PrepareConfig, discovery: Discovery, result: dict, timings: dict, fingerprint: str,

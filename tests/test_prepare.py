@@ -259,11 +259,13 @@ def test_same_seed_same_shards_and_a_killed_run_finishes_identically(prepared, c
     assert shard_bytes(out, first) == shard_bytes(clean_out, clean)
     assert (out / "tokenizer.json").read_bytes() == (clean_out / "tokenizer.json").read_bytes()
 
-    # "Kill" it half-way through a rebuild: no metadata, a shard gone, leftovers of the scratch folder.
+    # "Kill" it in the middle of swapping a rebuild in: no metadata, a shard gone, leftovers of the scratch
+    # folders (an older raylm's too).
     (out / "metadata.json").unlink()
     (out / first["splits"]["train"]["files"][1]["path"]).unlink()
-    (out / ".dataset-building" / "train").mkdir(parents=True)
-    (out / ".dataset-building" / "train" / "part-00000.parquet").write_bytes(b"half a file")
+    for scratch in (".next/dataset/train", ".dataset-building/train"):
+        (out / scratch).mkdir(parents=True)
+        (out / scratch / "part-00000.parquet").write_bytes(b"half a file")
     (out / "dataset" / "train" / ".part-00005.parquet.tmp-1234").write_bytes(b"half a file")
     capsys.readouterr()
     again = prepare(config(corpus, out))
@@ -271,7 +273,28 @@ def test_same_seed_same_shards_and_a_killed_run_finishes_identically(prepared, c
     assert shard_bytes(out, again) == shard_bytes(clean_out, clean)
     assert sorted(p.name for p in (out / "dataset" / "train").iterdir()) == sorted(
         Path(f["path"]).name for f in clean["splits"]["train"]["files"])
-    assert not (out / ".dataset-building").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".tokenizer-stamp.json", "dataset", "metadata.json",
+                                                      "tokenizer.json"]
+
+
+def test_a_rebuild_that_fails_leaves_the_finished_dataset_as_it_was(prepared, corpus, tmp_path):
+    """Changed input or settings rebuild the dataset beside the finished one, which stays usable (metadata,
+    tokenizer and rows that agree) until the new one is complete."""
+    from raylm.data import PackedRows
+
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "only.txt").write_text("a single document, with other words than the corpus " * 40)
+    with pytest.raises(ConfigError, match="single document"):  # fails after training its own tokenizer
+        prepare(config(one, out, vocab_size=300))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and ".next" not in p.parts}
+    assert after == before
+    rows = PackedRows(str(out), "train")
+    assert len(rows.tokens) == prepared[1]["splits"]["train"]["rows"]
+    assert load_tokenizer(out).sha256 == prepared[1]["tokenizer_sha256"]
 
 
 def test_an_unchanged_rerun_reuses_the_dataset(prepared, corpus, tmp_path, capsys):

@@ -30,7 +30,6 @@ from raylm import __version__
 from raylm import checkpoint as ckpt
 from raylm.config import ConfigError, TrainConfig, to_dict
 from raylm.data import BatchPlan, Cursor, PackedRows, Prefetcher, read_metadata
-from raylm.storage import is_remote
 
 # Peak dense bf16 tensor throughput (FLOP/s) of common GPUs, for MFU. Unknown devices: no MFU.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -145,6 +144,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
 
     if not cfg.data_dir:
         raise ConfigError("--data_dir is required: the output_dir of `raylm prepare`")
+    if "://" in cfg.save_dir:
+        raise ConfigError(f"--save_dir {cfg.save_dir}: checkpoints, metrics and plots go to a folder, on this machine "
+                          "or on storage every node of the cluster mounts (NFS, EFS, Filestore, or a bucket mounted "
+                          "with s3fs / gcsfuse), not to an object-store URI: raylm verifies and resumes from "
+                          "checkpoint files there")
     cfg = absolute_paths(cfg)
     meta = read_metadata(cfg.data_dir)
     vocab, max_length = int(meta["vocab_size"]), int(meta["max_length"])
@@ -157,7 +161,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     resume_from = None
     if cfg.checkpoint:
         resume_from = ckpt.resolve(cfg.checkpoint)
-    elif not is_remote(cfg.save_dir) and ckpt.list_checkpoints(cfg.save_dir):
+    elif ckpt.list_checkpoints(cfg.save_dir):
         # Ray Train would resume from its own record of this save_dir; make that explicit.
         found = ckpt.newest_complete(cfg.save_dir, warn=lambda *_: None)
         if found is not None:
@@ -283,13 +287,11 @@ class RaySession:
             ray.train.report(metrics)
             return
         name = Path(checkpoint_dir).name
-        upload = None
-        if not is_remote(self.cfg.save_dir):
-            save_dir = self.cfg.save_dir
+        save_dir = self.cfg.save_dir
 
-            def upload(checkpoint, dir_name):  # temporary name, then rename: never a half checkpoint
-                dest = ckpt.publish_local(checkpoint.path, Path(save_dir) / dir_name)
-                return ray.train.Checkpoint(str(dest))
+        def upload(checkpoint, dir_name):  # temporary name, then rename: never a half checkpoint
+            dest = ckpt.publish_local(checkpoint.path, Path(save_dir) / dir_name)
+            return ray.train.Checkpoint(str(dest))
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                          checkpoint_dir_name=name, checkpoint_upload_fn=upload)
@@ -530,12 +532,10 @@ def pick_resume_checkpoint(config: dict, session, say) -> str | None:
             candidates.append(Path(path))
         elif path:
             say(f"checkpoint {path} is unusable ({ckpt.verify(path)}); looking for an older complete one")
-    save_dir = config["train"]["save_dir"]
-    if not is_remote(save_dir):
-        for _, path in ckpt.list_checkpoints(save_dir):
-            if ckpt.verify(path) is None and ckpt.load_state(path).get("run_id") == config["run_id"]:
-                candidates.append(path)
-                break
+    for _, path in ckpt.list_checkpoints(config["train"]["save_dir"]):
+        if ckpt.verify(path) is None and ckpt.load_state(path).get("run_id") == config["run_id"]:
+            candidates.append(path)
+            break
     if not candidates:
         return None
     return str(max(candidates, key=lambda p: ckpt.load_state(p)["step"]))
@@ -677,8 +677,7 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     if is_main:
         from raylm.metrics import MetricsLogger
 
-        log_dir = cfg.save_dir if not is_remote(cfg.save_dir) else tempfile.mkdtemp(prefix="raylm-logs-")
-        logger = MetricsLogger(log_dir, resume_step=start_step)
+        logger = MetricsLogger(cfg.save_dir, resume_step=start_step)
     n_params = model.num_params()
     flops_tok = flops_per_token(model_cfg, seq_len)
     peak = gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -916,13 +915,6 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
             from raylm.storage import atomic_write_json
 
             atomic_write_json(Path(logger.dir) / "summary.json", summary)
-            if is_remote(cfg.save_dir):
-                import pyarrow.fs as pafs
-
-                from raylm.storage import filesystem
-
-                fs, root = filesystem(cfg.save_dir)
-                pafs.copy_files(str(logger.dir), root, destination_filesystem=fs)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -949,7 +941,7 @@ def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str |
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = plan.cfg
-    save_dir = cfg.save_dir if is_remote(cfg.save_dir) else os.path.abspath(cfg.save_dir)
+    save_dir = os.path.abspath(cfg.save_dir)
     if storage_path is None:
         storage_path, name = save_dir.rstrip("/").rsplit("/", 1)
     resources = {"CPU": cfg.cpus_per_worker}
@@ -993,8 +985,7 @@ def _check_cluster_fits(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> TrainResult:
     """Validate, train on Ray (or locally), and publish the last checkpoint as save_dir/final."""
     plan = plan_run(cfg)
-    if not is_remote(cfg.save_dir):
-        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     from raylm.runtime import ensure_ray, gpu_count
 
     if cfg.launcher == "local":
@@ -1019,7 +1010,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         result_ckpt = result.checkpoint.path if result.checkpoint else None
         metrics = dict(result.metrics or {})
     final_dir = None
-    if result_ckpt and not is_remote(cfg.save_dir):
+    if result_ckpt:
         final_dir = str(ckpt.publish_local(result_ckpt, Path(cfg.save_dir) / "final"))
         print(f"Final model: {final_dir}")
     return TrainResult(final_dir, result_ckpt, metrics)
@@ -1068,7 +1059,7 @@ class TrainingError(RuntimeError):
 def _explain_failure(err, cfg: TrainConfig) -> str:
     """One or two lines a person can act on, instead of a 200-line traceback."""
     text = str(err)
-    newest = None if is_remote(cfg.save_dir) else ckpt.newest_complete(cfg.save_dir, warn=lambda *_: None)
+    newest = ckpt.newest_complete(cfg.save_dir, warn=lambda *_: None)
     kept = f" The newest complete checkpoint is {newest} (resume with --checkpoint {newest})." if newest else ""
     if "out of memory" in text.lower():
         smaller = max(1, cfg.micro_batch_size // 2)

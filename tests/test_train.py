@@ -69,6 +69,8 @@ def test_config_errors_say_what_to_change(packed_data, tmp_path):
         plan_run(cfg_for(tmp_path / "nothing", tmp_path))
     with pytest.raises(ConfigError, match="num_kv_heads"):
         plan_run(cfg_for(packed_data, tmp_path, num_kv_heads=3))
+    with pytest.raises(ConfigError, match="not to an object-store URI"):  # checkpoints are verified as files
+        plan_run(cfg_for(packed_data, "s3://bucket/run"))
 
 
 # ----------------------------------------------------------------------------- in-process runs

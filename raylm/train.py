@@ -28,6 +28,7 @@ import torch
 
 from raylm import __version__
 from raylm import checkpoint as ckpt
+from raylm import storage
 from raylm.config import ConfigError, TrainConfig, to_dict
 from raylm.data import BatchPlan, Cursor, PackedRows, Prefetcher, read_metadata
 
@@ -132,8 +133,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """cfg with its local paths made absolute against this (the driver's) working folder: Ray Train runs each
     worker in a folder of its own (under /tmp/ray/session_*/artifacts), where ./processed_data is not the
     user's. URIs (s3://, gs://, file://) and empty settings stay as they are."""
-    changes = {f: os.path.abspath(os.path.expanduser(v)) for f in PATH_FIELDS
-               if (v := getattr(cfg, f)) and "://" not in v}
+    changes = {f: os.path.abspath(os.path.expanduser(str(v))) for f in PATH_FIELDS
+               if (v := getattr(cfg, f)) and "://" not in str(v)}
     return dataclasses.replace(cfg, **changes)
 
 
@@ -144,7 +145,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
 
     if not cfg.data_dir:
         raise ConfigError("--data_dir is required: the output_dir of `raylm prepare`")
-    if "://" in cfg.save_dir:
+    if "://" in str(cfg.save_dir):
         raise ConfigError(f"--save_dir {cfg.save_dir}: checkpoints, metrics and plots go to a folder, on this machine "
                           "or on storage every node of the cluster mounts (NFS, EFS, Filestore, or a bucket mounted "
                           "with s3fs / gcsfuse), not to an object-store URI: raylm verifies and resumes from "
@@ -201,8 +202,20 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
             raise ConfigError(f"checkpoint {source} was trained on different data ({state.get('dataset')}) than "
                               f"{cfg.data_dir} ({dataset_fingerprint(meta)}); to train these weights on new data "
                               f"use --init_from {source} instead of --checkpoint")
-    elif init_kind == "hf":
-        model_config = None  # import_hf reads (and checks) the folder's config.json on the worker
+    elif init_kind == "hf":  # checked here, before any worker starts (the worker's import_hf reads it again)
+        from raylm.export import config_from_hf
+
+        try:
+            hf_config = config_from_hf(storage.read_json(Path(init_from) / "config.json"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--init_from {init_from}: {e}") from None
+        clash = {k: (getattr(hf_config, k, None), v) for k, v in overrides.items()
+                 if k != "dropout" and getattr(hf_config, k, None) != v}
+        if clash:
+            details = ", ".join(f"{k}: the model's {a} vs requested {b}" for k, (a, b) in clash.items())
+            raise ConfigError(f"the model settings differ from --init_from {init_from} ({details}); drop those "
+                              "flags to use the model as it is")
+        model_config = dataclasses.asdict(hf_config)
     else:
         try:
             base = model_config_from(cfg.model_size or "tiny", vocab_size=vocab, **overrides)
@@ -218,8 +231,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
         if mc.vocab_size != vocab:
+            how = (f" (raylm prepare ... --tokenizer_file {init_from}/tokenizer.json)" if init_kind == "hf" else
+                   f" (raylm prepare ... --tokenizer_file {resume_from or init_from})" if init_kind or resume_from
+                   else "")
             raise ConfigError(f"the model's vocabulary ({mc.vocab_size}) differs from the data's ({vocab}); "
-                              "prepare the data with the model's tokenizer")
+                              f"prepare the data with the model's tokenizer{how}")
         if mc.max_seq_len < max_length:
             raise ConfigError(f"the data's rows are {max_length} tokens but the model's max_seq_len is "
                               f"{mc.max_seq_len}: raise --max_seq_len or prepare with --max_length {mc.max_seq_len}")

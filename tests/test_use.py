@@ -156,6 +156,43 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tmp_path):
         torch.testing.assert_close(hf(ids).logits, loaded.model(ids)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_init_from_a_hugging_face_folder_is_checked_before_training_and_trains(trained, tmp_path):
+    """--init_from a Hugging Face Llama folder: its config.json is read on the driver, so a model raylm cannot
+    import, clashing shape flags or another vocabulary are one clear line before any worker starts; a good
+    one trains from the exported weights (the loss starts where the checkpoint's ended)."""
+    import shutil
+
+    from raylm.cli import export_checkpoint
+    from raylm.prepare import prepare
+    from raylm.train import plan_run, train
+
+    hf = export_checkpoint(ExportConfig(checkpoint=trained["final"], output_dir=str(tmp_path / "hf")))
+    settings = {k: v for k, v in SMALL.items() if k not in ("hidden_size", "num_layers", "num_heads", "num_kv_heads")}
+    plan = plan_run(TrainConfig(data_dir=str(trained["data"]), save_dir=str(tmp_path / "ok"), init_from=hf,
+                                **settings))
+    assert plan.init_kind == "hf" and plan.model_config["hidden_size"] == SMALL["hidden_size"]
+    with pytest.raises(ConfigError, match="hidden_size: the model's 64 vs requested 128"):
+        plan_run(TrainConfig(data_dir=str(trained["data"]), save_dir=str(tmp_path / "x"), init_from=hf,
+                             **settings, hidden_size=128))
+    other = tmp_path / "other"
+    prepare(PrepareConfig(input_dir=str(write_corpus(tmp_path / "text", seed=1)), output_dir=str(other),
+                          vocab_size=280, max_length=32, num_workers=1, min_frequency=1))
+    with pytest.raises(ConfigError, match=r"differs from the data's.*--tokenizer_file .*hf/tokenizer.json"):
+        plan_run(TrainConfig(data_dir=str(other), save_dir=str(tmp_path / "x"), init_from=hf, **settings))
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(hf, gpt2)
+    (gpt2 / "config.json").write_text(json.dumps(json.loads((gpt2 / "config.json").read_text())
+                                                 | {"model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="model_type is 'gpt2', only 'llama'"):
+        plan_run(TrainConfig(data_dir=str(trained["data"]), save_dir=str(tmp_path / "x"), init_from=str(gpt2),
+                             **settings))
+    run = tmp_path / "ft"
+    train(TrainConfig(data_dir=str(trained["data"]), save_dir=str(run), init_from=hf, max_steps=2,
+                      save_interval=2, eval_interval=2, **{**settings, "log_interval": 1, "learning_rate": 1e-4}))
+    trained_loss = [r["loss"] for r in read_jsonl(trained["save"] / "metrics.jsonl") if "loss" in r][-1]
+    assert read_jsonl(run / "metrics.jsonl")[0]["loss"] == pytest.approx(trained_loss, abs=0.3)
+
+
 def test_demo_runs_end_to_end_at_a_reduced_size(ray_session, tmp_path, capsys):
     from raylm.demo import run_demo
 

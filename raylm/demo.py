@@ -18,6 +18,22 @@ from raylm.config import DemoConfig, EvalConfig, ExportConfig, GenerateConfig, P
 
 # A model that learns visibly in a few CPU minutes (~3.6M parameters with a 4096 vocabulary).
 DEMO_MODEL = dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2)
+MARKER = ".raylm-demo"  # in every folder the demo made: the only kind it deletes anything in
+DEMO_ENTRIES = {"corpus", "processed_data", "checkpoints", "hf_model"}  # a demo folder of a raylm before MARKER
+
+
+def _claim(out: Path) -> None:
+    """Make out the demo's folder, or refuse one that holds anything else: the demo replaces its own
+    checkpoints/ (and all of out with --fresh), which must never be someone's own work."""
+    from raylm.config import ConfigError
+
+    names = {p.name for p in out.iterdir()} if out.exists() else set()
+    older_demo = {"corpus", "processed_data"} <= names <= DEMO_ENTRIES
+    if names and MARKER not in names and not older_demo:
+        raise ConfigError(f"{out} is not empty and was not made by raylm demo: choose another --output_dir "
+                          "(the demo replaces its checkpoints there)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -28,8 +44,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from raylm.train import train
 
     out = Path(cfg.output_dir).resolve()
-    if cfg.fresh and out.exists():
+    _claim(out)
+    if cfg.fresh:
         shutil.rmtree(out)
+        _claim(out)
     t0 = time.perf_counter()
     print(f"raylm demo: everything lands in {out}\n")
 

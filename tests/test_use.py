@@ -205,6 +205,13 @@ def test_demo_runs_end_to_end_at_a_reduced_size(ray_session, tmp_path, capsys):
     for artifact in ("processed_data/metadata.json", "checkpoints/final/manifest.json", "checkpoints/loss_curve.png",
                      "checkpoints/metrics.jsonl"):
         assert (tmp_path / "demo" / artifact).exists(), artifact
+    # a folder of one's own work is never the demo's to replace
+    mine = tmp_path / "project"
+    (mine / "checkpoints" / "final").mkdir(parents=True)  # `raylm train`'s default --save_dir
+    for fresh in (False, True):
+        with pytest.raises(ConfigError, match="not made by raylm demo"):
+            run_demo(DemoConfig(output_dir=str(mine), max_steps=1, fresh=fresh))
+    assert [p.name for p in mine.iterdir()] == ["checkpoints"] and (mine / "checkpoints/final").is_dir()
 
 
 # ----------------------------------------------------------------------------- newcomer errors

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raylm.model import model_config_from  # noqa: E402
+from raylm.storage import atomic_write_text  # noqa: E402
 
 
 def _backends():
@@ -113,7 +114,7 @@ def main(argv=None) -> dict:
         ratio = f" | {base / s:.2f}x flash's speed" if base and name != "flash" else ""
         print(f"  {name:9s}: {1e3 * s:8.3f} ms | {flops / s / 1e12:7.1f} TFLOP/s{ratio}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))  # never a half-written file
     return results
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raylm.model import model_config_from  # noqa: E402
 from raylm.plan import GIB, estimate_memory, largest_micro_batch, measure_peak, relative_error  # noqa: E402
+from raylm.storage import atomic_write_text  # noqa: E402
 
 
 def try_step(model_cfg, seq_len: int, micro_batch: int, precision: str, act_ckpt: bool, device: str) -> int | None:
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
             print(f"largest size that trains with activation checkpointing {act_ckpt}: "
                   f"{fitting[-1] if fitting else 'none'}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))  # never a half-written file
     return results
 
 

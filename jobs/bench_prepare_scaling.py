@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"ready {t['ready_mb_s'] / b['ready_mb_s']:.2f}, ceiling {t['ceiling_mb_s'] / b['ceiling_mb_s']:.2f}")
     results = {f"{kind}_{workers}": r for (kind, workers), r in runs.items()}
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        from raylm.storage import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(results, indent=2))  # never a half-written file
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return results

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from raylm.data import write_synthetic_dataset
     from raylm.runtime import ensure_ray
+    from raylm.storage import atomic_write_text
     from raylm.tune import build_tune_configs, tune
 
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="raylm-bench-tune-"))
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures["ratios"] = {"trial_steps": asha["trial_steps"] / fifo["trial_steps"],
                          "best_val_loss": asha["best_val_loss"] / fifo["best_val_loss"],
                          "wall": asha["wall_s"] / fifo["wall_s"]}
-    (out / "bench_tune.json").write_text(json.dumps(figures, indent=2))
+    atomic_write_text(out / "bench_tune.json", json.dumps(figures, indent=2))  # never a half-written file
 
     print(f"\n{args.num_samples} trials per scheduler, max_steps {args.max_steps}, 2 at a time; results in {out}")
     print(f"{'scheduler':<10} {'trial-steps':>11} {'best val loss':>14} {'best lr':>9} {'warmup':>6} "

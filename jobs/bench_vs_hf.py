@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raylm.export import config_to_hf, state_dict_to_hf  # noqa: E402
 from raylm.model import LLMModel, ModelConfig  # noqa: E402
+from raylm.storage import atomic_write_text  # noqa: E402
 
 # Shapes of the two benchmark models; batch and seq are the training batch (sequences x tokens).
 SIZES = {
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
           + f" (wall {results['wall_s']:.0f} s)")
     print("=" * 78)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2))  # never a half-written file
     return results
 
 

@@ -177,14 +177,17 @@ def publish_local(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     then rename. A crash leaves only a hidden temporary folder, never a half checkpoint."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(dest)
+    tmp, old = tmp_name(dest), tmp_name(dest)
     try:
         shutil.copytree(src, tmp)
-        if dest.exists():  # same step saved again (e.g. after a restart): replace it
-            shutil.rmtree(dest)
+        if dest.exists():  # same step saved again (after a restart), or final/: the old one aside, not deleted
+            os.replace(dest, old)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.exists() and old.exists():  # the new one did not get there: the old one back
+            os.replace(old, dest)
+        shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

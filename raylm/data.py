@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raylm.config import ConfigError
-from raylm.storage import filesystem, is_remote, read_json, relative_inside
+from raylm.storage import atomic_write_json, filesystem, is_remote, read_json, relative_inside
 
 IGNORE_INDEX = -100  # label value the model's loss ignores (padding)
 
@@ -240,5 +240,5 @@ def write_synthetic_dataset(out_dir, *, vocab_size=64, max_length=16, train_rows
     meta = {"raylm_version": "test", "vocab_size": vocab_size, "max_length": max_length, "overlap": 0,
             "tokenizer_type": "synthetic", "tokenizer_file": None, "tokenizer_sha256": f"synthetic-{seed}",
             "eos_token_id": 0, "pad_token_id": 1, "splits": splits}
-    (out / "metadata.json").write_text(json.dumps(meta))
+    atomic_write_json(out / "metadata.json", meta)  # last, as prepare writes it: it marks a complete dataset
     return out

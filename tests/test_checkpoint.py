@@ -61,6 +61,30 @@ def test_publish_leaves_no_partial_folder_on_failure(tmp_path, monkeypatch):
     assert list((tmp_path / "b").iterdir()) == []  # neither the checkpoint nor a temporary copy
 
 
+def test_republishing_over_an_existing_folder_keeps_the_old_one_if_the_new_one_fails(tmp_path, monkeypatch):
+    """final/ (and a step saved again after a restart) is replaced by renames: the old folder is moved aside,
+    not deleted first, and comes back if the new one cannot be moved in."""
+    first, _ = _write(tmp_path / "a", 1)
+    second, _ = _write(tmp_path / "a", 2)
+    final = ckpt.publish_local(first, tmp_path / "final")
+    real_replace, calls = ckpt.os.replace, []
+
+    def second_replace_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", second_replace_fails)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.publish_local(second, final)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert ckpt.verify(final) is None and ckpt.load_state(final)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    ckpt.publish_local(second, final)
+    assert ckpt.verify(final) is None and ckpt.load_state(final)["step"] == 2
+
+
 def test_prune_keeps_newest_complete(tmp_path):
     for s in (1, 2, 3, 4):
         _write(tmp_path, s)

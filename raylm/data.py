@@ -203,7 +203,6 @@ def write_synthetic_dataset(out_dir, *, vocab_size=64, max_length=16, train_rows
     pattern="count": each row counts up from a random start by a random stride (learnable);
     pattern="random": uniform random tokens (throughput benchmarks). The last row of each split
     is partial (padded) when asked."""
-    import json
     from pathlib import Path
 
     import pyarrow as pa

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _started_cluster_address() -> str | None:
@@ -46,11 +47,34 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
     if address:
         check_reachable(address)
-        ray.init(logging_level=logging.WARNING)
+        ray.init(logging_level=logging.WARNING, **_job_config())
     else:
         # The dashboard also serves Ray's state API, which Ray Train's clean-up of stopped runs
         # (Tune's early-stopped trials) relies on; it listens on 127.0.0.1 only.
         init_local_ray(num_cpus=num_cpus, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+
+
+def _package_search_path() -> list[str]:
+    """The folder holding this raylm package, for Ray's workers to search first, where raylm is a source
+    checkout (pip install -e) rather than an installed copy. Ray puts the driver's current folder on its
+    workers' path; run from the folder above a checkout, its raylm/ (the repository, no __init__.py) was
+    imported as an empty namespace package there, ahead of the editable install's import hook, and every
+    Ray task failed with "cannot import name '__version__' from 'raylm'"."""
+    root = Path(__file__).resolve().parents[1]
+    return [] if root.name in ("site-packages", "dist-packages") else [str(root)]
+
+
+def _job_config() -> dict:
+    """ray.init's job_config argument that puts _package_search_path on the workers' path (none needed: {})."""
+    paths = _package_search_path()
+    if not paths:
+        return {}
+    from ray.job_config import JobConfig
+
+    try:
+        return {"job_config": JobConfig(_py_driver_sys_path=paths)}
+    except TypeError:  # a Ray without the argument: its workers search the current folder as before
+        return {}
 
 
 def init_local_ray(**kwargs) -> None:
@@ -58,6 +82,7 @@ def init_local_ray(**kwargs) -> None:
     a warning saying what it costs) where Ray's dashboard packages (`ray[default]`) are missing."""
     import ray
 
+    kwargs = {**_job_config(), **kwargs}
     try:  # Ray's own check, which ray.init(include_dashboard=True) makes only after starting its GCS
         from ray._private.utils import get_dashboard_dependency_error
 

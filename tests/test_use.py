@@ -222,6 +222,24 @@ def run_cli(*args, env=None, timeout=120):
                           env={**os.environ, **(env or {})})
 
 
+def test_ray_workers_import_raylm_from_a_folder_holding_a_raylm_checkout(tmp_path):
+    """Run from the folder above a clone (which holds raylm/, the repository), Ray's workers, which search the
+    driver's current folder first, must still import the installed raylm, not the repository as an empty
+    namespace package."""
+    import raylm
+
+    (tmp_path / "raylm").mkdir()  # a checkout's top folder: no __init__.py
+    script = tmp_path / "scripts" / "probe.py"  # outside the current folder, as a console script is
+    script.parent.mkdir()
+    script.write_text("import ray\nfrom raylm.runtime import ensure_ray\nensure_ray(num_cpus=1)\n"
+                      "print('WORKER', ray.get(ray.remote(lambda: __import__('raylm').__file__).remote()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"WORKER {raylm.__file__}" in proc.stdout
+
+
 def test_cpu_only_torch_with_use_gpu_says_what_to_do(packed_data, tmp_path):
     proc = run_cli("train", "--data_dir", str(packed_data), "--save_dir", str(tmp_path), "--use_gpu",
                    "--launcher", "local")

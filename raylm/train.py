@@ -538,23 +538,33 @@ def _tokenizer_files(meta: dict, data_dir: str) -> dict[str, bytes]:
 
 
 def pick_resume_checkpoint(config: dict, session, say) -> str | None:
-    """Where this attempt starts: the newest complete checkpoint of this run (after a restart),
-    else --checkpoint, else nowhere. Ray's record of the latest checkpoint can lag a report that
-    was in flight when a worker died, so this run's own checkpoints in save_dir are looked at too
-    (recognised by the run id in their state.json); an incomplete one is never used."""
-    candidates = []
-    for path in (session.latest_checkpoint(), config["resume_from"]):
-        if path and ckpt.verify(path) is None:
-            candidates.append(Path(path))
-        elif path:
-            say(f"checkpoint {path} is unusable ({ckpt.verify(path)}); looking for an older complete one")
+    """Where this attempt starts: the newest complete checkpoint of this run (after a restart), else
+    --checkpoint, else nowhere. A checkpoint is this run's when its state.json holds this run's id: Ray
+    also hands a new run the latest checkpoint of an earlier run in the same save_dir, which must not
+    overrule the --checkpoint asked for (an older step, to go back before a divergence). Ray's record can
+    lag a report that was in flight when a worker died, so save_dir is looked at too; an incomplete
+    checkpoint is never used."""
+    def usable(path) -> bool:
+        reason = ckpt.verify(path)
+        if reason is not None:
+            say(f"checkpoint {path} is unusable ({reason}); looking for an older complete one")
+        return reason is None
+
+    def this_run(path) -> bool:
+        return ckpt.load_state(path).get("run_id") == config["run_id"]
+
+    own = []
+    latest = session.latest_checkpoint()
+    if latest and usable(latest) and this_run(latest):
+        own.append(Path(latest))
     for _, path in ckpt.list_checkpoints(config["train"]["save_dir"]):
-        if ckpt.verify(path) is None and ckpt.load_state(path).get("run_id") == config["run_id"]:
-            candidates.append(path)
+        if ckpt.verify(path) is None and this_run(path):
+            own.append(path)
             break
-    if not candidates:
-        return None
-    return str(max(candidates, key=lambda p: ckpt.load_state(p)["step"]))
+    if own:
+        return str(max(own, key=lambda p: ckpt.load_state(p)["step"]))
+    resume_from = config["resume_from"]
+    return resume_from if resume_from and usable(resume_from) else None
 
 
 def _first_simulated_failure(cfg: TrainConfig) -> bool:

@@ -321,6 +321,17 @@ def test_unset_cpus_per_worker_gives_each_worker_what_the_cluster_can_place():
 
 
 @pytest.mark.ray
+def test_checkpoint_of_an_older_step_is_where_a_ray_run_starts(ray_session, packed_data, tmp_path):
+    """Ray hands a new run the latest checkpoint of the earlier run in the same save_dir; --checkpoint of an
+    older step (going back before a divergence) must still be where the run starts."""
+    run = tmp_path / "run"
+    train(cfg_for(packed_data, run, max_steps=4, save_interval=2, eval_interval=2))
+    train(cfg_for(packed_data, run, max_steps=6, save_interval=2, eval_interval=2,
+                  checkpoint=str(run / "checkpoint_step_2")))
+    assert summary(run)["start_step"] == 2 and summary(run)["final_step"] == 6
+
+
+@pytest.mark.ray
 def test_resume_on_a_different_number_of_workers(ray_session, packed_data, tmp_path):
     one = tmp_path / "one"
     train(cfg_for(packed_data, one, max_steps=6, launcher="local", micro_batch_size=4))

@@ -127,6 +127,9 @@ class RunPlan:
 
 
 PATH_FIELDS = ("data_dir", "save_dir", "checkpoint", "init_from")
+# model settings that --init_from may change (new training from those weights, which do not depend on them);
+# a resumed run keeps its model, dropout aside
+FREE_ON_INIT = ("dropout", "max_seq_len")
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -184,14 +187,13 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         source = Path(resume_from or init_from)
         state = ckpt.load_state(source)
         saved = dict(state["model_config"])
-        clash = {k: (saved.get(k), v) for k, v in overrides.items() if saved.get(k) != v and k != "dropout"}
+        free = FREE_ON_INIT if resume_from is None else ("dropout",)
+        clash = {k: (saved.get(k), v) for k, v in overrides.items() if saved.get(k) != v and k not in free}
         if clash or (cfg.model_size and cfg.model_size != state.get("model_size", cfg.model_size)):
             details = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in clash.items())
             raise ConfigError(f"the model settings differ from checkpoint {source} ({details or 'model_size'}); "
                               "drop those flags to use the checkpoint's model")
-        if "dropout" in overrides:
-            saved["dropout"] = overrides["dropout"]
-        model_config = saved
+        model_config = saved | {k: v for k, v in overrides.items() if k in free}
         data = state.get("data", {})
         if data.get("tokenizer_sha256") and data["tokenizer_sha256"] != meta.get("tokenizer_sha256"):
             raise ConfigError(
@@ -210,12 +212,12 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--init_from {init_from}: {e}") from None
         clash = {k: (getattr(hf_config, k, None), v) for k, v in overrides.items()
-                 if k != "dropout" and getattr(hf_config, k, None) != v}
+                 if k not in FREE_ON_INIT and getattr(hf_config, k, None) != v}
         if clash:
             details = ", ".join(f"{k}: the model's {a} vs requested {b}" for k, (a, b) in clash.items())
             raise ConfigError(f"the model settings differ from --init_from {init_from} ({details}); drop those "
                               "flags to use the model as it is")
-        model_config = dataclasses.asdict(hf_config)
+        model_config = dataclasses.asdict(hf_config) | {k: v for k, v in overrides.items() if k in FREE_ON_INIT}
     else:
         try:
             base = model_config_from(cfg.model_size or "tiny", vocab_size=vocab, **overrides)
@@ -237,8 +239,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
             raise ConfigError(f"the model's vocabulary ({mc.vocab_size}) differs from the data's ({vocab}); "
                               f"prepare the data with the model's tokenizer{how}")
         if mc.max_seq_len < max_length:
+            # (a resumed run never gets here: other data than its own is refused above)
             raise ConfigError(f"the data's rows are {max_length} tokens but the model's max_seq_len is "
-                              f"{mc.max_seq_len}: raise --max_seq_len or prepare with --max_length {mc.max_seq_len}")
+                              f"{mc.max_seq_len}: raise --max_seq_len (the weights do not depend on it; training "
+                              f"at the longer context teaches the model the new positions) or prepare with "
+                              f"--max_length {mc.max_seq_len}")
     if cfg.use_gpu and cfg.launcher == "local" and not torch.cuda.is_available():
         raise ConfigError(_no_cuda_message())
     if cfg.warmup_steps >= cfg.max_steps:
@@ -582,11 +587,13 @@ def build_model(plan_dict: dict, resume_from: str | None):
     """The model of this run, with its starting weights (resume, init_from, or fresh init)."""
     from raylm.model import LLMModel, ModelConfig
 
+    model = LLMModel(ModelConfig(**plan_dict["model_config"]))
     if resume_from is None and plan_dict["init_kind"] == "hf":
         from raylm.export import import_hf
 
-        return import_hf(plan_dict["init_from"])
-    model = LLMModel(ModelConfig(**plan_dict["model_config"]))
+        # the folder's weights into the planned model (its context and dropout may differ from the folder's)
+        model.load_state_dict(import_hf(plan_dict["init_from"]).state_dict(), strict=True)
+        return model
     source = resume_from or (plan_dict["init_from"] if plan_dict["init_kind"] == "checkpoint" else None)
     if source is not None:
         model.load_state_dict(ckpt.load_model_state(source), strict=True)

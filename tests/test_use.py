@@ -186,6 +186,15 @@ def test_init_from_a_hugging_face_folder_is_checked_before_training_and_trains(t
     with pytest.raises(ConfigError, match="model_type is 'gpt2', only 'llama'"):
         plan_run(TrainConfig(data_dir=str(trained["data"]), save_dir=str(tmp_path / "x"), init_from=str(gpt2),
                              **settings))
+    longer = tmp_path / "longer"  # rows of 64 tokens; the model was trained at 32
+    prepare(PrepareConfig(input_dir=str(write_corpus(tmp_path / "text64", seed=2)), output_dir=str(longer),
+                          max_length=64, num_workers=1, tokenizer_file=str(trained["data"] / "tokenizer.json")))
+    for source in (hf, trained["final"]):
+        with pytest.raises(ConfigError, match="raise --max_seq_len"):
+            plan_run(TrainConfig(data_dir=str(longer), save_dir=str(tmp_path / "x"), init_from=source, **settings))
+        plan = plan_run(TrainConfig(data_dir=str(longer), save_dir=str(tmp_path / "x"), init_from=source,
+                                    max_seq_len=64, **settings))
+        assert plan.model_config["max_seq_len"] == 64
     run = tmp_path / "ft"
     train(TrainConfig(data_dir=str(trained["data"]), save_dir=str(run), init_from=hf, max_steps=2,
                       save_interval=2, eval_interval=2, **{**settings, "log_interval": 1, "learning_rate": 1e-4}))

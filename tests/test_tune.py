@@ -70,6 +70,9 @@ def test_one_yaml_holds_search_and_training_settings(tmp_path):
     dump_yaml({"lr_maxx": 1}, path)
     with pytest.raises(ConfigError, match="Did you mean"):
         build_tune_configs(path)
+    path.write_text("lr_max: [0.05\n")  # malformed: one line with where, not a parser traceback
+    with pytest.raises(ConfigError, match=r"is not valid YAML: .*line 1, column"):
+        build_tune_configs(path)
 
 
 def test_resume_keeps_the_saved_use_gpu_when_the_flag_is_left_unset(tmp_path):

@@ -122,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(
-        prog="raylm", description="Train Llama-style language models from raw text on Ray.")
+        prog="raylm", description="Train Llama-style language models from raw text on Ray.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"raylm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, cls_names, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # allow_abbrev=False: --max_step is a typo to report, not --max_steps (nor, one day, another flag)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         _add_config_flag(p)
         for cls_name in (cls_names,) if isinstance(cls_names, str) else cls_names:
             add_dataclass_args(p, getattr(importlib.import_module(module), cls_name))
@@ -158,12 +159,26 @@ def explain_error(e: BaseException) -> str | None:
     return None
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
+    import difflib
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    if unknown:  # said by the command's own parser (its usage), with the flag that was probably meant
+        command = _subcommand_parser(parser, args.command)
+        flags = [s for a in command._actions for s in a.option_strings]
+        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            u.split("=")[0].replace("-", "_").replace("__", "--", 1), flags, n=1)) else u
+            for u in unknown if u.startswith("-")]
+        command.error("unrecognized arguments: " + " ".join(hints or unknown))
     try:
         return HANDLERS[args.command](args)
     except ConfigError as e:  # raylm.storage.UnsafeName too

@@ -994,9 +994,12 @@ def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str |
 
 
 def no_cluster_gpu_message() -> str:
-    return "--use_gpu was given but the Ray cluster has no GPU. " + (
-        _no_cuda_message() if not torch.cuda.is_available() else
-        "Start Ray on the GPU machine (ray start --head --num-gpus N) or drop --use_gpu.")
+    if torch.version.cuda is None:
+        return (f"--use_gpu was given but the Ray cluster has no GPU, and this PyTorch is a CPU-only build (torch "
+                f"{torch.__version__}): on a GPU machine, install a CUDA build (pip install torch --index-url "
+                "https://download.pytorch.org/whl/cu124) and start Ray there; or drop --use_gpu.")
+    return ("--use_gpu was given but the Ray cluster has no GPU: start Ray on the GPU machine (ray start --head "
+            "--num-gpus N), or drop --use_gpu.")
 
 
 def _check_cluster_fits(cfg: TrainConfig) -> None:

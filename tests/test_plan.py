@@ -225,6 +225,18 @@ def test_mixed_precision_takes_true_and_false_as_the_guides_switch(tmp_path, cap
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
+def test_a_mistyped_flag_is_refused_with_the_flag_meant(capsys):
+    """No silent prefix matching (--max_length_ would not become --max_length, nor --gpu_mem a flag added
+    later), and the command's own usage with the flag that was probably meant."""
+    for typed, meant in (("--gpu_memory", "--gpu_memory_gb"), ("--max-length", "--max_length"),
+                         ("--micro_batch", "--micro_batch_size")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["plan", typed, "8"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("usage: raylm plan")
+        assert f"unrecognized arguments: {typed} (did you mean {meant}?)" in err
+
+
 def test_training_banner_prints_the_estimate(packed_data, tmp_path, capsys):
     from raylm.config import TrainConfig, build_config
     from raylm.train import train

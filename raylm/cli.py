@@ -150,9 +150,11 @@ def explain_error(e: BaseException) -> str | None:
         return (f"cannot reach Ray ({text.splitlines()[0] if text else type(e).__name__}). Check RAY_ADDRESS "
                 "(unset it to start a local Ray) or start the cluster with `ray start --head`; if a cluster "
                 "started on this machine has died, `ray stop` clears its stale address.")
-    if "out of memory" in text.lower():
+    lowered = text.lower()
+    if "out of memory" in lowered or "can't allocate memory" in lowered or "cannot allocate memory" in lowered:
         return ("out of memory: lower --micro_batch_size (the global --batch_size stays the same through "
-                "gradient accumulation), or use a smaller model / --max_length.")
+                "gradient accumulation), add --activation_checkpointing, or use a smaller model / --max_length; "
+                "`raylm plan` estimates what fits.")
     if "Address already in use" in text:
         return ("a port raylm/Ray needs is already in use (another Ray or training run?): stop it, or reuse it with "
                 "RAY_ADDRESS=auto.")

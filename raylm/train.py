@@ -1088,6 +1088,12 @@ class SimulatedFailure(RuntimeError):
     """Raised by --simulate_failure_at_step under launcher=local (Ray workers exit instead)."""
 
 
+def is_out_of_memory(text: str) -> bool:
+    """Whether an error's text is PyTorch running out of GPU memory or of the machine's (its CPU allocator)."""
+    lowered = text.lower()
+    return "out of memory" in lowered or "can't allocate memory" in lowered or "cannot allocate memory" in lowered
+
+
 class TrainingError(RuntimeError):
     """Training stopped; the message says why and what is kept."""
 
@@ -1097,10 +1103,18 @@ def _explain_failure(err, cfg: TrainConfig) -> str:
     text = str(err)
     newest = ckpt.newest_complete(cfg.save_dir, warn=lambda *_: None)
     kept = f" The newest complete checkpoint is {newest} (resume with --checkpoint {newest})." if newest else ""
-    if "out of memory" in text.lower():
-        smaller = max(1, cfg.micro_batch_size // 2)
-        return (f"out of memory with micro_batch_size {cfg.micro_batch_size}: try --micro_batch_size {smaller} "
-                f"(the global --batch_size {cfg.batch_size} stays the same through accumulation).{kept}")
+    if is_out_of_memory(text):
+        where = "" if "cuda" in text.lower() or cfg.use_gpu else " (the machine's memory)"
+        if cfg.micro_batch_size > 1:
+            smaller = max(1, cfg.micro_batch_size // 2)
+            fix = (f"try --micro_batch_size {smaller} (the global --batch_size {cfg.batch_size} stays the same "
+                   "through accumulation)")
+        else:
+            fix = "a micro batch of 1 is the least: a smaller model or --max_length"
+        if not cfg.activation_checkpointing:
+            fix += ", or --activation_checkpointing (recomputes activations: far less memory, ~30% more time)"
+        return (f"out of memory{where} with micro_batch_size {cfg.micro_batch_size}: {fix}; `raylm plan` with the "
+                f"same settings estimates what fits.{kept}")
     if "non-finite" in text:
         line = next((ln for ln in text.splitlines() if "non-finite" in ln), text)
         return line.split("FloatingPointError:")[-1].strip() + kept

@@ -507,5 +507,14 @@ def test_out_of_memory_under_the_local_launcher_names_a_micro_batch_that_may_fit
 
     monkeypatch.setattr(train_module, "run_worker", out_of_memory)
     with pytest.raises(TrainingError, match=r"out of memory with micro_batch_size 4: try --micro_batch_size 2 "
-                                            r"\(the global --batch_size 8 stays the same"):
+                                            r"\(the global --batch_size 8 stays the same.*--activation_checkpointing"):
         train(cfg_for(packed_data, tmp_path, launcher="local", batch_size=8, micro_batch_size=4))
+    # at a micro batch of 1 there is nothing to halve; a CPU run's allocator says it in its own words
+    from raylm.train import _explain_failure
+
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+    advice = _explain_failure(cpu, cfg_for(packed_data, tmp_path, batch_size=8, micro_batch_size=1))
+    assert advice.startswith("out of memory (the machine's memory) with micro_batch_size 1: a micro batch of 1 is "
+                             "the least") and "--activation_checkpointing" in advice and "raylm plan" in advice
+    checkpointed = cfg_for(packed_data, tmp_path, batch_size=8, micro_batch_size=1, activation_checkpointing=True)
+    assert "--activation_checkpointing" not in _explain_failure(cpu, checkpointed)

@@ -1064,7 +1064,12 @@ def decide_use_gpu(cfg: TrainConfig, gpus: int) -> TrainConfig:
 
 
 def _decide_device(plan: RunPlan, gpus: int) -> RunPlan:
-    return dataclasses.replace(plan, cfg=decide_use_gpu(plan.cfg, gpus))
+    cfg = decide_use_gpu(plan.cfg, gpus)
+    if cfg.use_gpu and gpus > cfg.num_workers:
+        print(f"raylm: training on {cfg.num_workers} of the {gpus} GPUs "
+              f"{'here' if cfg.launcher == 'local' else 'in the Ray cluster'} (one per worker): "
+              + ("--launcher ray " if cfg.launcher == "local" else "") + f"--num_workers {gpus} uses them all")
+    return dataclasses.replace(plan, cfg=cfg)
 
 
 def _decide_cpus(plan: RunPlan) -> RunPlan:

@@ -491,6 +491,15 @@ def test_use_gpu_unset_means_gpus_when_there_are_any(packed_data, tmp_path, caps
     assert decide_use_gpu(on_ray, 4).use_gpu is True and "4 GPU(s) in the Ray cluster" in capsys.readouterr().out
     assert decide_use_gpu(cfg_for(packed_data, tmp_path, use_gpu=False), 4).use_gpu is False
     assert decide_use_gpu(cfg_for(packed_data, tmp_path, use_gpu=True), 0).use_gpu is True  # refused later, with why
+    # the guide's "framework automatically splits work": one worker per GPU is asked for, and said so
+    from raylm.train import RunPlan, _decide_device
+
+    plan = RunPlan(on_ray, {}, None, None, None, None)
+    assert _decide_device(plan, 8).cfg.num_workers == 1
+    assert "training on 1 of the 8 GPUs in the Ray cluster (one per worker): --num_workers 8 uses them all" in \
+        capsys.readouterr().out
+    _decide_device(RunPlan(cfg_for(packed_data, tmp_path, num_workers=8, batch_size=8), {}, None, None, None, None), 8)
+    assert "uses them all" not in capsys.readouterr().out
     # on this CPU machine an unset --use_gpu trains on CPU, and the checkpoint records the decision
     train(cfg_for(packed_data, tmp_path / "run", max_steps=2, launcher="local", save_interval=2))
     assert "Device: cpu" in capsys.readouterr().out

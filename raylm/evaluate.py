@@ -123,12 +123,12 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
     loaded = load_checkpoint(cfg.checkpoint, "cpu")
     data = loaded.state.get("data") or {}
     max_length = int(data.get("max_length") or loaded.model.config.max_seq_len)
-    overlap = 0
+    overlap, skipped = 0, []
     if cfg.input_dir:
         if loaded.tokenizer is None:
             raise ConfigError(f"{loaded.path} carries no tokenizer file, so raw text cannot be tokenized; "
                               "use --data_dir with data prepared by the same tokenizer")
-        texts, _ = _read_input_texts(cfg)
+        texts, skipped = _read_input_texts(cfg)
         rows = rows_from_text(texts, loaded.tokenizer, max_length, int(data.get("pad_token_id") or 0))
         source = cfg.input_dir
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -168,12 +168,20 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict:
         "tokens": int(count), "loss": loss, "perplexity": math.exp(min(loss, 50)),
         "bits_per_byte": (total / math.log(2) / n_bytes) if n_bytes else None, "bytes": n_bytes,
         "workers": cfg.num_workers,
+        # raw files left out, as prepare reports them: nothing is dropped without a word
+        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
     }
     if cfg.json:
         print(json.dumps(result))
     else:
         print(f"Checkpoint: {result['checkpoint']} (step {result['step']})")
         print(f"Evaluated: {source}: {n:,} rows, {count:,} tokens")
+        if skipped:
+            from raylm.sources import SKIP_REASONS
+
+            print(f"Skipped {len(skipped):,} file(s): " + "; ".join(
+                f"{s.path} ({SKIP_REASONS.get(s.reason, s.reason)})" for s in skipped[:10])
+                  + (f"; and {len(skipped) - 10:,} more (--json lists them all)" if len(skipped) > 10 else ""))
         print(f"Loss: {loss:.4f} | Perplexity: {result['perplexity']:.2f}"
               + (f" | Bits per byte: {result['bits_per_byte']:.4f}" if result["bits_per_byte"] else ""))
     return result

@@ -78,7 +78,9 @@ def test_eval_raw_text_with_the_checkpoints_tokenizer(trained, tmp_path):
     from raylm.evaluate import evaluate_checkpoint
 
     write_corpus(tmp_path / "new", seed=9, n=50)
+    (tmp_path / "new" / "image.txt").write_bytes(b"\x89PNG\x00\x00binary")  # skipped, and said so
     result = evaluate_checkpoint(EvalConfig(checkpoint=str(trained["save"]), input_dir=str(tmp_path / "new")))
+    assert result["skipped"] == [{"path": "image.txt", "reason": "binary"}]
     seen = evaluate_checkpoint(EvalConfig(checkpoint=trained["final"], data_dir=str(trained["data"])))
     assert result["tokens"] > 100
     assert result["loss"] < seen["loss"] + 0.5  # the same language: close to the validation loss

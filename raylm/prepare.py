@@ -694,7 +694,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     shutil.rmtree(stage / DATASET_DIR, ignore_errors=True)  # rows of an interrupted run (its tokenizer is kept)
     stage.mkdir(parents=True, exist_ok=True)
     tokenizer_key = _fingerprint({"input": fingerprint, "settings": _settings(cfg, TOKENIZER_SETTINGS)})
-    result = _tokenize_and_write(cfg, discovery, stage, stage / DATASET_DIR, tokenizer_key, finished=out)
+    try:
+        result = _tokenize_and_write(cfg, discovery, stage, stage / DATASET_DIR, tokenizer_key, finished=out)
+    except BaseException:
+        _remove_if_empty(stage, out)  # a run that failed before making anything leaves no empty folders behind
+        raise
     # sample, training and the workers' start, up to the first tokenized files; then the rest
     timings["tokenizer_and_worker_start"] = result["startup_seconds"]
     timings["tokenize_and_write"] = time.perf_counter() - t - result["startup_seconds"]
@@ -708,6 +712,15 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_SIDECAR, TOKENIZER_STAMP)
+
+
+def _remove_if_empty(*folders: Path) -> None:
+    """Remove each folder that holds nothing (a failed run's scratch folder, then its output folder); a
+    trained tokenizer or any other file keeps its folder (a rerun reuses the tokenizer)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _swap_in(stage: Path, out: Path, meta: dict) -> None:

@@ -377,6 +377,7 @@ def test_nothing_usable_and_missing_input_are_clear_errors(tmp_path):
     message = str(err.value)
     assert "found 2 file(s)" in message and "binary content" in message and "malformed JSON" in message
     assert ".py: 1" in message and "--extensions" in message
+    assert not (tmp_path / "out").exists()  # a run that made nothing leaves no empty folders behind
     with pytest.raises(ConfigError, match="does not exist"):
         prepare(config(tmp_path / "nowhere", tmp_path / "out"))
 

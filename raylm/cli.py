@@ -10,11 +10,16 @@ sets any of them, and flags override the file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from raylm import __version__
 from raylm.config import ConfigError, add_dataclass_args, build_config, overrides_from_args
+
+
+_python_format_warning = warnings.formatwarning
 
 
 def _add_config_flag(p: argparse.ArgumentParser) -> None:
@@ -166,9 +171,18 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argpars
     return action.choices[command]
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """raylm's own warnings as one plain line (they are addressed to the user, who has no use for the line of
+    raylm's source that raised them); everyone else's as Python shows them."""
+    if f"{os.sep}raylm{os.sep}" in str(filename):
+        return f"raylm: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     import difflib
 
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if not args.command:

@@ -246,3 +246,15 @@ def test_training_banner_prints_the_estimate(packed_data, tmp_path, capsys):
                                                     activation_checkpointing=True, eval_steps=1)))
     out = capsys.readouterr().out
     assert "Memory estimate per worker:" in out and "Activation checkpointing: True" in out
+
+
+def test_raylm_warnings_read_as_one_line_from_the_cli():
+    """The CLI shows raylm's own warnings as a line addressed to the user, without the source line that
+    raised them; other packages' warnings keep Python's form."""
+    import raylm.export
+    from raylm.cli import _format_warning
+
+    ours = _format_warning("tokenizer.json not found", UserWarning, raylm.export.__file__, 266, "warnings.warn(...)")
+    assert ours == "raylm: warning: tokenizer.json not found\n"
+    theirs = _format_warning("deprecated", FutureWarning, "/elsewhere/lib.py", 3, "x = 1")
+    assert theirs.startswith("/elsewhere/lib.py:3: FutureWarning: deprecated")

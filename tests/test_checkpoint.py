@@ -18,6 +18,16 @@ def _write(save_dir, step, tied=False):
     return ckpt.publish_local(tmp, save_dir / ckpt.checkpoint_name(step)), state
 
 
+class _RunsCode:
+    """Unpickling this would create a file: what an unsafe torch.load of a shared checkpoint allows."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_truncated_newest_checkpoint_is_never_picked(tmp_path):
     _write(tmp_path, 5)
     newest, _ = _write(tmp_path, 10)
@@ -45,6 +55,15 @@ def test_tied_weights_round_trip_and_files_are_safe(tmp_path):
     # every non-safetensors file loads with weights_only=True (no arbitrary unpickling)
     assert ckpt.load_optimizer_state(path) == {"state": {}, "param_groups": []}
     assert len(ckpt.load_rng_states(path)) == 1
+    import pickle
+
+    ran = tmp_path / "ran"
+    for name in ("optimizer.pt", "rng.pt"):  # a shared checkpoint's pickle that runs code when unpickled
+        (path / name).write_bytes(pickle.dumps(_RunsCode(str(ran)), protocol=2))
+    for load in (ckpt.load_optimizer_state, ckpt.load_rng_states):
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            load(path)
+    assert not ran.exists()
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "tokenizer.json"}
 

@@ -335,6 +335,16 @@ def test_dashboard_and_job_api_listen_on_loopback_only(cluster):
     assert _listen_addresses(cluster.dashboard_port) == {"127.0.0.1"}
 
 
+def test_the_local_ray_raylm_starts_serves_its_dashboard_on_loopback_only(ray_session):
+    """The tests' own Ray is started by raylm.runtime.init_local_ray, as `raylm train` starts one when there is
+    no cluster: its dashboard (and job API) must listen on 127.0.0.1 only."""
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    assert url, "raylm's local Ray started without its dashboard"
+    assert _listen_addresses(int(url.rsplit(":", 1)[1])) == {"127.0.0.1"}
+
+
 def test_job_submission_without_the_token_is_refused(cluster):
     import requests
 

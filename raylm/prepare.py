@@ -438,7 +438,12 @@ def _read_sample(cfg: PrepareConfig, discovery: Discovery) -> tuple[list[str], l
                 break
         progress.update()
     sample_mb = (int(cfg.tokenizer_sample_mb * 1e6) - max(budget, 0)) / 1e6
-    progress.close(f"({sample_mb:.1f} MB sample for the tokenizer)")
+    if progress.done < len(order):  # the sample is full: the bar ends there, at 100%, saying so
+        progress.total = progress.done
+        progress.close(f"({sample_mb:.1f} MB sample for the tokenizer, from {progress.done:,} of {len(order):,} "
+                       "files: --tokenizer_sample_mb sets its size)")
+    else:
+        progress.close(f"({sample_mb:.1f} MB sample for the tokenizer)")
     return texts, skipped
 
 

@@ -249,6 +249,11 @@ def test_metadata_has_what_training_needs(prepared):
 def test_same_seed_same_shards_and_a_killed_run_finishes_identically(prepared, corpus, tmp_path, capsys):
     clean_out, clean = prepared
     out = tmp_path / "out"
+    capsys.readouterr()
+    prepare(config(corpus, out, tokenizer_sample_mb=0.001))  # a sample full after a few files
+    bar = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("Reading files"))
+    assert bar.startswith("Reading files: 100%") and "sample for the tokenizer, from" in bar, bar
+    shutil.rmtree(out)
     prepare(config(corpus, out))
 
     def shard_bytes(folder, meta):

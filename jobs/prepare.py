@@ -1,7 +1,7 @@
 """`raylm prepare` as a Ray job: raw text files -> tokenizer + packed Parquet rows.
 
     ray job submit --working-dir . -- python jobs/prepare.py --input_dir s3://bucket/raw --output_dir /shared/processed_data
-    python jobs/prepare.py --config jobs/configs/prepare.yaml --num_workers 8
+    python jobs/prepare.py --input_dir ./raw_text_data --output_dir ./processed_data --num_workers 8
 
 Takes exactly the flags of `raylm prepare` (`--config FILE.yaml` sets any of them; flags override it).
 """

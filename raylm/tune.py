@@ -3,7 +3,7 @@
     raylm tune --data_dir ./processed_data --save_dir ./sweep --model_size tiny --max_steps 2000 \
         --eval_interval 100 --save_interval 500 --num_samples 16 --lr_min 1e-4 --lr_max 3e-2 \
         --warmup_choices 0 100 300 --scheduler asha --grace_period 200 --max_concurrent_trials 2
-    raylm tune --config ./sweep/sweep_config.yaml --resume      # continue an interrupted sweep
+    raylm tune --save_dir ./sweep --resume                      # continue an interrupted sweep as it was
     ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune_tiny_cpu.yaml
 
 Each trial is a Ray Tune function trainable (`run_trial`) that builds the TorchTrainer of `raylm train`
@@ -50,6 +50,7 @@ from raylm.metrics import read_jsonl, save_figure
 from raylm.storage import atomic_write_json, atomic_write_text, is_remote
 
 TRIAL_PREFIX = "trial_"
+SWEEP_CONFIG = "sweep_config.yaml"  # every setting of a sweep, in its save_dir: what --resume continues with
 # Tune refuses an empty resource request; a trial's function only waits on its trainer, so it asks for a
 # little memory and no CPU, and every CPU of the cluster stays free for training workers.
 TRIAL_FUNCTION_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
@@ -61,7 +62,10 @@ TRIAL_POLL_INTERVAL_S = 0.25  # how often a trial's Train controller collects re
 
 def build_tune_configs(yaml_path=None, overrides: dict | None = None) -> tuple[TuneConfig, TrainConfig]:
     """One YAML file and one set of flags hold both: TuneConfig's keys configure the search, TrainConfig's
-    are the training settings shared by all trials. Defaults < YAML file < flags; unknown keys are errors."""
+    are the training settings shared by all trials. Defaults < YAML file < flags; unknown keys are errors.
+    With resume, the sweep's saved settings (save_dir/sweep_config.yaml) come before the YAML file and the
+    flags: `raylm tune --save_dir ./sweep --resume` continues it as it was, and a setting given that differs
+    from the saved one is refused (check_resume_settings)."""
     tune_keys = {f.name for f in dataclasses.fields(TuneConfig)}
     known = sorted(tune_keys | {f.name for f in dataclasses.fields(TrainConfig)})
 
@@ -75,8 +79,15 @@ def build_tune_configs(yaml_path=None, overrides: dict | None = None) -> tuple[T
         return ({k: v for k, v in data.items() if k in tune_keys},
                 {k: v for k, v in data.items() if k not in tune_keys})
 
-    file_tune, file_train = split(load_yaml(yaml_path) if yaml_path else {}, f"config file {yaml_path}")
+    file_data = load_yaml(yaml_path) if yaml_path else {}
+    file_tune, file_train = split(file_data, f"config file {yaml_path}")
     flag_tune, flag_train = split(overrides or {}, "flags")
+    resume = (overrides or {}).get("resume", file_data.get("resume", False))
+    save_dir = (overrides or {}).get("save_dir") or file_data.get("save_dir") or TrainConfig.save_dir
+    saved = Path(save_dir).expanduser().resolve() / SWEEP_CONFIG
+    if resume in (True, "true", "True") and saved.is_file():
+        saved_tune, saved_train = split(load_yaml(saved), str(saved))
+        file_tune, file_train = saved_tune | file_tune, saved_train | file_train
     return (build_config(TuneConfig, yaml_data=file_tune, overrides=flag_tune),
             build_config(TrainConfig, yaml_data=file_train, overrides=flag_train))
 
@@ -373,7 +384,7 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
     check_sweep(tcfg, cfg)
     plan_run(cfg)  # the data, the model and the batch settings, checked once for all trials
     sweep_dir = Path(cfg.save_dir).resolve()
-    saved = sweep_dir / "sweep_config.yaml"
+    saved = sweep_dir / SWEEP_CONFIG
     exists = ray_tune.Tuner.can_restore(sweep_dir)
     if tcfg.resume and not exists:
         raise ConfigError(f"--resume: {sweep_dir} holds no sweep to continue; drop --resume to start one")

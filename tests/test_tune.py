@@ -90,6 +90,24 @@ def test_resume_keeps_the_saved_use_gpu_when_the_flag_is_left_unset(tmp_path):
     assert check_resume_settings(tcfg, unset, saved).use_gpu is None
 
 
+def test_resume_takes_the_saved_settings_that_the_command_leaves_out(tmp_path):
+    """`raylm tune --save_dir ./sweep --resume` continues the sweep as it was saved: settings not given come
+    from sweep_config.yaml (not from the defaults, which a resumed sweep then refused as changed), and one
+    given that differs is still refused."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    tcfg, cfg = configs(tmp_path / "data", sweep, num_samples=5, lr_max=0.02, max_steps=40, hidden_size=48)
+    dump_yaml(sweep_settings(tcfg, cfg), sweep / "sweep_config.yaml")
+    resumed_tcfg, resumed = build_tune_configs(overrides={"save_dir": str(sweep), "resume": True})
+    assert (resumed_tcfg.num_samples, resumed_tcfg.lr_max, resumed.max_steps, resumed.hidden_size) == (5, 0.02, 40, 48)
+    assert resumed_tcfg.resume and check_resume_settings(resumed_tcfg, resumed, sweep / "sweep_config.yaml")
+    changed_tcfg, changed = build_tune_configs(overrides={"save_dir": str(sweep), "resume": True, "num_samples": 8})
+    with pytest.raises(ConfigError, match=r"num_samples \(saved 5, now 8\)"):
+        check_resume_settings(changed_tcfg, changed, sweep / "sweep_config.yaml")
+    fresh_tcfg, _ = build_tune_configs(overrides={"save_dir": str(sweep)})  # without --resume: the defaults
+    assert fresh_tcfg.num_samples == TuneConfig().num_samples
+
+
 def test_resume_accepts_a_sweep_saved_before_a_setting_existed(tmp_path):
     """A sweep_config.yaml from an older raylm lacks the settings added since (e.g. residual_dtype): those ran
     at their defaults, so resuming with the defaults is no change, and another value is still refused."""

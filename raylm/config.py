@@ -216,7 +216,8 @@ DEFAULT_EXTENSIONS = [".txt", ".md", ".json", ".jsonl"]
 class PrepareConfig:
     """`raylm prepare`: raw text files -> tokenizer + packed Parquet rows."""
 
-    input_dir: str = opt("", "folder (or s3:// / gs:// URI) of raw text files, searched recursively")
+    input_dir: str = opt("", "required: folder (or s3:// / gs:// / file:// URI) of raw text files, searched "
+                             "recursively")
     output_dir: str = opt("./processed_data", "where tokenizer, dataset/ and metadata.json are written")
     tokenizer_type: str = opt("bpe", "tokenizer to train: byte-level BPE, WordPiece, or tiktoken",
                               choices=TOKENIZER_TYPES)
@@ -284,7 +285,7 @@ class TrainConfig:
     from `model_size`; `max_seq_len` unset comes from the prepared data's max_length."""
 
     # --- data and output
-    data_dir: str = opt("", "output_dir of `raylm prepare` (local path or s3:// / gs:// URI)")
+    data_dir: str = opt("", "required: output_dir of `raylm prepare` (local path or s3:// / gs:// URI)")
     save_dir: str = opt("./checkpoints", "checkpoints, logs, metrics and plots are written here")
     # --- model
     model_size: str | None = opt(None, "named size (default tiny): tiny (~20M), small (~125M), medium (~350M), large (~800M), xl (~1.5B)")
@@ -416,7 +417,8 @@ class TrainConfig:
 class EvalConfig:
     """`raylm eval`: loss, perplexity and bits per byte of a checkpoint."""
 
-    checkpoint: str = opt("", "a checkpoint_step_N folder, save_dir/final, or a save_dir (its newest checkpoint)")
+    checkpoint: str = opt("", "required: a checkpoint_step_N folder, save_dir/final, or a save_dir (its newest "
+                              "checkpoint)")
     data_dir: str = opt("", "a prepared dataset: evaluate its validation split (default: the training data's)")
     input_dir: str = opt("", "raw text files to evaluate instead, tokenized with the checkpoint's tokenizer")
     split: str = opt("val", "which split of --data_dir", choices=("val", "train"))
@@ -444,7 +446,7 @@ class EvalConfig:
 class GenerateConfig:
     """`raylm generate`: text from a checkpoint, streamed as it is sampled."""
 
-    checkpoint: str = opt("", "a checkpoint_step_N folder, save_dir/final, or a save_dir")
+    checkpoint: str = opt("", "required: a checkpoint_step_N folder, save_dir/final, or a save_dir")
     prompt: str | None = opt(None, "text to continue; omit for an interactive prompt")
     max_new_tokens: int = opt(200, "tokens to generate per sample")
     temperature: float = opt(0.8, "sampling temperature (0 = greedy)")
@@ -471,8 +473,8 @@ class GenerateConfig:
 class ExportConfig:
     """`raylm export`: a checkpoint as a Hugging Face Llama folder."""
 
-    checkpoint: str = opt("", "a checkpoint_step_N folder, save_dir/final, or a save_dir")
-    output_dir: str = opt("", "folder to write (config.json, model.safetensors, tokenizer files)")
+    checkpoint: str = opt("", "required: a checkpoint_step_N folder, save_dir/final, or a save_dir")
+    output_dir: str = opt("", "required: folder to write (config.json, model.safetensors, tokenizer files)")
     dtype: str = opt("float32", "weight dtype of the export", choices=("float32", "bfloat16", "float16"))
     overwrite: bool = opt(False, "replace output_dir if it exists")
 

@@ -491,7 +491,7 @@ class DemoConfig:
     corpus_mb: float = opt(4.0, "MB of standard-library source to train on")
     vocab_size: int = opt(4096, "tokenizer vocabulary")
     max_length: int = opt(128, "tokens per row")
-    max_steps: int = opt(600, "training steps (about 3-5 minutes on 2 CPU cores)")
+    max_steps: int = opt(600, "training steps (about 2 minutes on 2 CPU cores)")
     num_workers: int = opt(1, "training workers")
     prompt: str = opt("def ", "prompt of the sample printed at the end")
     fresh: bool = opt(False, "delete output_dir first instead of reusing its prepared data")

@@ -10,7 +10,6 @@ sets any of them, and flags override the file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -143,8 +142,8 @@ HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ev
             "generate": _cmd_generate, "export": _cmd_export, "demo": _cmd_demo, "plan": _cmd_plan}
 
 
-def explain_error(e: BaseException) -> str | None:
-    """The errors a newcomer meets, answered in a line or two (None: not one of them)."""
+def explain_error(e: BaseException, command: str = "train") -> str | None:
+    """The errors a newcomer meets in `command`, answered in a line or two (None: not one of them)."""
     from raylm.train import SimulatedFailure, TrainingError
 
     text = str(e)
@@ -157,6 +156,8 @@ def explain_error(e: BaseException) -> str | None:
                 "started on this machine has died, `ray stop` clears its stale address.")
     lowered = text.lower()
     if "out of memory" in lowered or "can't allocate memory" in lowered or "cannot allocate memory" in lowered:
+        if command not in ("train", "tune"):  # the training advice would not apply
+            return f"out of memory: {text.splitlines()[0] if text else type(e).__name__}"
         return ("out of memory: lower --micro_batch_size (the global --batch_size stays the same through "
                 "gradient accumulation), add --activation_checkpointing, or use a smaller model / --max_length; "
                 "`raylm plan` estimates what fits.")
@@ -174,7 +175,7 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argpars
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """raylm's own warnings as one plain line (they are addressed to the user, who has no use for the line of
     raylm's source that raised them); everyone else's as Python shows them."""
-    if f"{os.sep}raylm{os.sep}" in str(filename):
+    if Path(str(filename)).resolve().is_relative_to(Path(__file__).resolve().parent):
         return f"raylm: warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 
@@ -185,23 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if unknown and not args.command:
+        parser.error("unrecognized arguments: " + " ".join(unknown))
     if not args.command:
         parser.print_help()
         return 2
     if unknown:  # said by the command's own parser (its usage), with the flag that was probably meant
         command = _subcommand_parser(parser, args.command)
         flags = [s for a in command._actions for s in a.option_strings]
-        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-            u.split("=")[0].replace("-", "_").replace("__", "--", 1), flags, n=1)) else u
-            for u in unknown if u.startswith("-")]
-        command.error("unrecognized arguments: " + " ".join(hints or unknown))
+        hints = [f"{u} (did you mean {close[0]}?)" if u.startswith("-") and (close := difflib.get_close_matches(
+            u.split("=")[0].replace("-", "_").replace("__", "--", 1), flags, n=1)) else u for u in unknown]
+        command.error("unrecognized arguments: " + " ".join(hints))
     try:
         return HANDLERS[args.command](args)
     except ConfigError as e:  # raylm.storage.UnsafeName too
         print(f"raylm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, FloatingPointError, ConnectionError, OSError) as e:
-        message = explain_error(e)
+        message = explain_error(e, args.command)
         if message is None and isinstance(e, OSError):  # a missing file, a full disk, no permission: its own words
             message = str(e) if isinstance(e, FileExistsError) else f"{type(e).__name__}: {e}"
         if message is None:

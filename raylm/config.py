@@ -86,16 +86,14 @@ def _coerce(name: str, tp, value):
     return value
 
 
-TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
 def _switch_value(bool_values: tuple[str, str], value):
-    """A boolean spelling of a many-valued switch (True, "true", "no", ...) as the setting it stands for;
-    anything else as it is."""
-    if isinstance(value, bool):
-        return bool_values[0] if value else bool_values[1]
-    if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
-        return bool_values[0] if value.lower() in TRUE_WORDS else bool_values[1]
+    """A boolean spelling of a many-valued switch (True, 1, "true", "no": what a bool flag takes) as the setting
+    it stands for; anything else as it is."""
+    if isinstance(value, (bool, int, str)):
+        try:
+            return bool_values[0] if _parse_bool(value) else bool_values[1]
+        except argparse.ArgumentTypeError:
+            pass
     return value
 
 

@@ -18,28 +18,37 @@ import pyarrow.parquet as pq
 import torch
 
 from raylm.config import ConfigError
-from raylm.storage import atomic_write_json, filesystem, is_remote, read_json, relative_inside
+from raylm.storage import atomic_write_json, filesystem, is_remote, plain_name, read_json, relative_inside
 
 IGNORE_INDEX = -100  # label value the model's loss ignores (padding)
 
 
 def read_metadata(data_dir: str) -> dict:
-    """metadata.json of a prepared dataset, with a clear error when it is missing."""
+    """metadata.json of a prepared dataset, with a clear error when it is missing, and its file names
+    checked (storage.plain_name, storage.relative_inside) before anything is read through them."""
     if is_remote(data_dir):
         fs, path = filesystem(data_dir)
         try:
             with fs.open_input_stream(f"{path.rstrip('/')}/metadata.json") as f:
                 import json
 
-                return json.loads(f.read().decode("utf-8"))
+                meta = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{data_dir}/metadata.json not found: run `raylm prepare --output_dir {data_dir}` "
                               "first (its metadata.json is written last, when the dataset is complete)") from None
-    meta_path = os.path.join(data_dir, "metadata.json")
-    if not os.path.isfile(meta_path):
-        raise ConfigError(f"{meta_path} not found: run `raylm prepare --output_dir {data_dir}` first "
-                          "(its metadata.json is written last, when the dataset is complete)")
-    return read_json(meta_path)
+    else:
+        meta_path = os.path.join(data_dir, "metadata.json")
+        if not os.path.isfile(meta_path):
+            raise ConfigError(f"{meta_path} not found: run `raylm prepare --output_dir {data_dir}` first "
+                              "(its metadata.json is written last, when the dataset is complete)")
+        meta = read_json(meta_path)
+    source = f"{data_dir}/metadata.json"
+    if meta.get("tokenizer_file") is not None:
+        plain_name(meta["tokenizer_file"], source)
+    for split in (meta.get("splits") or {}).values():
+        for entry in split.get("files") or []:
+            relative_inside(entry.get("path"), source)
+    return meta
 
 
 class PackedRows:

@@ -22,13 +22,24 @@ MARKER = ".raylm-demo"  # in every folder the demo made: the only kind it delete
 DEMO_ENTRIES = {"corpus", "processed_data", "checkpoints", "hf_model"}  # a demo folder of a raylm before MARKER
 
 
+def _prepared_from(corpus: Path) -> bool:
+    """Whether corpus's sibling processed_data/ was prepared from it, as the demo prepares: a demo folder."""
+    import json
+
+    try:
+        meta = json.loads((corpus.parent / "processed_data" / "metadata.json").read_text())
+        return Path(meta["config"]["input_dir"]).resolve() == corpus.resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _claim(out: Path) -> None:
     """Make out the demo's folder, or refuse one that holds anything else: the demo replaces its own
     checkpoints/ (and all of out with --fresh), which must never be someone's own work."""
     from raylm.config import ConfigError
 
     names = {p.name for p in out.iterdir()} if out.exists() else set()
-    older_demo = {"corpus", "processed_data"} <= names <= DEMO_ENTRIES
+    older_demo = {"corpus", "processed_data"} <= names <= DEMO_ENTRIES and _prepared_from(out / "corpus")
     if names and MARKER not in names and not older_demo:
         raise ConfigError(f"{out} is not empty and was not made by raylm demo: choose another --output_dir "
                           "(the demo replaces its checkpoints there)")

@@ -448,8 +448,14 @@ def _read_sample(cfg: PrepareConfig, discovery: Discovery) -> tuple[list[str], l
 
 
 def _tokenizer_package(tok: RaylmTokenizer) -> dict:
-    """A tokenizer as plain data that travels to workers: {"name", "files": {name: bytes}, "backend"}."""
-    return {"name": tok.path.name, "files": {p.name: p.read_bytes() for p in tok.files()}, "backend": tok.backend}
+    """A tokenizer as plain data that travels to workers: {"name", "files": {name: bytes}, "backend"}, under
+    the standard names (tokenizer.json; tokenizer.tiktoken and its sidecar), whatever the files it came from
+    are called (--tokenizer_file ./my.tok.json): a dataset's and a checkpoint's tokenizer are always found."""
+    name = TIKTOKEN_FILE if tok.kind == "tiktoken" else HF_FILE
+    files = {name: tok.path.read_bytes()}
+    if tok.kind == "tiktoken":
+        files[TIKTOKEN_SIDECAR] = tok.path.with_name(TIKTOKEN_SIDECAR).read_bytes()
+    return {"name": name, "files": files, "backend": tok.backend}
 
 
 def _load_package(package: dict, folder: Path) -> RaylmTokenizer:
@@ -684,6 +690,7 @@ def prepare(cfg: PrepareConfig) -> dict:
               "one is complete)")
     if not discovery.files:
         raise _nothing_usable(cfg, discovery, discovery.skipped)
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     timings = {"discover": time.perf_counter() - started}
     t = time.perf_counter()
@@ -702,7 +709,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     try:
         result = _tokenize_and_write(cfg, discovery, stage, stage / DATASET_DIR, tokenizer_key, finished=out)
     except BaseException:
-        _remove_if_empty(stage, out)  # a run that failed before making anything leaves no empty folders behind
+        # a run that failed before making anything leaves no empty folders behind (and no folder it did not make)
+        _remove_if_empty(stage, *([out] if made_out else []))
         raise
     # sample, training and the workers' start, up to the first tokenized files; then the rest
     timings["tokenizer_and_worker_start"] = result["startup_seconds"]

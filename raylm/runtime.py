@@ -113,30 +113,37 @@ GPU_WORKER_CPUS = 8  # the most cores an automatic --cpus_per_worker gives a GPU
 
 
 def cpus_per_worker(num_workers: int, use_gpu: bool) -> int:
-    """--cpus_per_worker when unset, for the connected Ray cluster (cores_per_worker of its live nodes)."""
+    """--cpus_per_worker when unset, for the connected Ray cluster (cores_per_worker of its live nodes and
+    of the CPUs free now)."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return cores_per_worker(nodes, num_workers, use_gpu, cpu_count())
+    through_client = ray.util.client.ray.is_connected()  # ray://: this machine is not the cluster's node
+    return cores_per_worker(nodes, num_workers, use_gpu, None if through_client else cpu_count(),
+                            int(ray.available_resources().get("CPU", 0)))
 
 
-def cores_per_worker(nodes: list[dict], num_workers: int, use_gpu: bool, local_cores: int) -> int:
+def cores_per_worker(nodes: list[dict], num_workers: int, use_gpu: bool, local_cores: int | None,
+                     free: int | None = None) -> int:
     """CPU cores for each worker, from the nodes' Ray resources ({"CPU": 8.0, "GPU": 1.0, ...} each). On CPU,
     the most each of num_workers workers can have with all of them placed at once (whole workers per node);
     on GPUs, a GPU node's cores per GPU, at most GPU_WORKER_CPUS. A one-node cluster counts no more than
-    local_cores (a local Ray may be told of more logical CPUs than the machine has cores, and threads beyond
-    the cores slow PyTorch down). 1 when no node can take a worker yet (an autoscaling cluster)."""
+    local_cores, the cores of the machine it runs on (a local Ray may be told of more logical CPUs than there
+    are cores, and threads beyond the cores slow PyTorch down). No more than the `free` CPUs shared among the
+    workers, where there are enough for one each: a run beside another on a shared cluster takes what is left
+    rather than waiting for the other to end. 1 when no node can take a worker yet (an autoscaling cluster)."""
     nodes = [n for n in nodes if n.get("CPU", 0) >= 1]
-    if len(nodes) == 1:
+    if len(nodes) == 1 and local_cores:
         nodes = [dict(nodes[0], CPU=min(nodes[0]["CPU"], local_cores))]
     if use_gpu:
         shares = [int(n["CPU"] // n["GPU"]) for n in nodes if n.get("GPU", 0) >= 1]
-        return max(1, min([GPU_WORKER_CPUS, *shares])) if shares else 1
-    cores = [int(n["CPU"]) for n in nodes]
-    for each in range(max(cores, default=1), 0, -1):
-        if sum(c // each for c in cores) >= num_workers:
-            return each
-    return 1
+        each = max(1, min([GPU_WORKER_CPUS, *shares])) if shares else 1
+    else:
+        cores = [int(n["CPU"]) for n in nodes]
+        each = next((e for e in range(max(cores, default=1), 0, -1) if sum(c // e for c in cores) >= num_workers), 1)
+    if free is not None and free >= num_workers:
+        each = min(each, free // num_workers)
+    return each
 
 
 def cpu_has_bf16_matmul_units(cpuinfo: str = "/proc/cpuinfo") -> bool:

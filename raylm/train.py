@@ -213,6 +213,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
             raise ConfigError(f"--init_from {init_from}: {e}") from None
         clash = {k: (getattr(hf_config, k, None), v) for k, v in overrides.items()
                  if k not in FREE_ON_INIT and getattr(hf_config, k, None) != v}
+        if cfg.model_size:  # a named size says nothing about a folder's model: its config.json does
+            clash["model_size"] = ("shape (its config.json)", repr(cfg.model_size))
         if clash:
             details = ", ".join(f"{k}: the model's {a} vs requested {b}" for k, (a, b) in clash.items())
             raise ConfigError(f"the model settings differ from --init_from {init_from} ({details}); drop those "
@@ -977,7 +979,7 @@ def build_trainer(plan: RunPlan, *, storage_path: str | None = None, name: str |
     save_dir = os.path.abspath(cfg.save_dir)
     if storage_path is None:
         storage_path, name = save_dir.rstrip("/").rsplit("/", 1)
-    resources = {"CPU": cfg.cpus_per_worker}
+    resources = {"CPU": cfg.cpus_per_worker or 1}  # train() decides an unset one first (_decide_cpus)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(plan),
@@ -1021,6 +1023,7 @@ def _check_cluster_fits(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> TrainResult:
     """Validate, train on Ray (or locally), and publish the last checkpoint as save_dir/final."""
     plan = plan_run(cfg)
+    cfg = plan.cfg  # its paths absolute (~ expanded), as the workers get them
     Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     from raylm.runtime import ensure_ray, gpu_count
 

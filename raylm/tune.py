@@ -125,11 +125,11 @@ def trial_config(base: dict, learning_rate: float, warmup_steps: int, save_dir: 
 
 
 def shared_train_settings(cfg: TrainConfig) -> dict:
-    """The TrainConfig every trial starts from, with absolute paths (trials run in Tune's working folders)."""
-    base = to_dict(cfg) | {"save_dir": os.path.abspath(cfg.save_dir), "cpus_per_worker": cfg.cpus_per_worker or 1}
-    if not is_remote(cfg.data_dir):
-        base["data_dir"] = os.path.abspath(cfg.data_dir)
-    return base
+    """The TrainConfig every trial starts from, with absolute paths (trials run in Tune's working folders:
+    train.absolute_paths, --init_from's too) and one CPU per worker unless --cpus_per_worker says otherwise."""
+    from raylm.train import absolute_paths
+
+    return to_dict(absolute_paths(cfg)) | {"cpus_per_worker": cfg.cpus_per_worker or 1}
 
 
 def sweep_settings(tcfg: TuneConfig, cfg: TrainConfig) -> dict:
@@ -383,7 +383,7 @@ def tune(tcfg: TuneConfig, cfg: TrainConfig) -> SweepResult:
 
     check_sweep(tcfg, cfg)
     plan_run(cfg)  # the data, the model and the batch settings, checked once for all trials
-    sweep_dir = Path(cfg.save_dir).resolve()
+    sweep_dir = Path(cfg.save_dir).expanduser().resolve()  # as build_tune_configs finds it again for --resume
     saved = sweep_dir / SWEEP_CONFIG
     exists = ray_tune.Tuner.can_restore(sweep_dir)
     if tcfg.resume and not exists:

@@ -218,8 +218,10 @@ def test_mixed_precision_takes_true_and_false_as_the_guides_switch(tmp_path, cap
     assert tables["true"] == tables["yes"] == tables[None] == tables["auto"]
     (tmp_path / "on.yaml").write_text("mixed_precision: true\n")
     (tmp_path / "off.yaml").write_text("mixed_precision: false\n")
+    (tmp_path / "one.yaml").write_text("mixed_precision: 1\n")
     assert build_config(TrainConfig, tmp_path / "on.yaml").mixed_precision == "auto"
     assert build_config(TrainConfig, tmp_path / "off.yaml").mixed_precision == "off"
+    assert build_config(TrainConfig, tmp_path / "one.yaml").mixed_precision == "auto"
     with pytest.raises(SystemExit):
         main([*small, "--mixed_precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
@@ -235,6 +237,9 @@ def test_a_mistyped_flag_is_refused_with_the_flag_meant(capsys):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("usage: raylm plan")
         assert f"unrecognized arguments: {typed} (did you mean {meant}?)" in err
+    with pytest.raises(SystemExit):
+        main(["--bogus"])  # no command: the top-level parser names it
+    assert "raylm: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_training_banner_prints_the_estimate(packed_data, tmp_path, capsys):

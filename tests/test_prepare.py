@@ -352,6 +352,16 @@ def test_named_tiktoken_encoding_with_a_large_vocab_uses_uint32(ray_session, tmp
     assert str(schema.field("input_ids").type) == "fixed_size_list<element: uint32>[32]"
 
 
+def test_a_given_tokenizer_is_kept_under_the_standard_name(prepared, corpus, tmp_path):
+    """--tokenizer_file of any name (here a hidden one) becomes the dataset's tokenizer.json, the name that
+    metadata.json, checkpoints and exports look for."""
+    given = tmp_path / ".my.tokenizer.json"
+    given.write_bytes((prepared[0] / "tokenizer.json").read_bytes())
+    meta = prepare(config(corpus, tmp_path / "out", tokenizer_file=str(given)))
+    assert meta["tokenizer_file"] == "tokenizer.json" and meta["tokenizer_sha256"] == prepared[1]["tokenizer_sha256"]
+    assert load_tokenizer(tmp_path / "out").sha256 == prepared[1]["tokenizer_sha256"]
+
+
 def test_two_documents_still_give_a_validation_row(ray_session, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -383,6 +393,10 @@ def test_nothing_usable_and_missing_input_are_clear_errors(tmp_path):
     assert "found 2 file(s)" in message and "binary content" in message and "malformed JSON" in message
     assert ".py: 1" in message and "--extensions" in message
     assert not (tmp_path / "out").exists()  # a run that made nothing leaves no empty folders behind
+    (tmp_path / "mine").mkdir()  # ... but a folder it did not make stays, empty or not
+    with pytest.raises(ConfigError):
+        prepare(config(raw, tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir()
     with pytest.raises(ConfigError, match="does not exist"):
         prepare(config(tmp_path / "nowhere", tmp_path / "out"))
 

@@ -318,6 +318,11 @@ def test_unset_cpus_per_worker_gives_each_worker_what_the_cluster_can_place():
     assert cores_per_worker([{"CPU": 96.0, "GPU": 8.0}], 8, True, local_cores=96) == 8
     assert cores_per_worker([{"CPU": 16.0, "GPU": 8.0}, {"CPU": 8.0}], 8, True, local_cores=16) == 2
     assert cores_per_worker([{"CPU": 8.0}], 1, True, local_cores=8) == 1  # no GPU node (yet)
+    assert cores_per_worker([{"CPU": 64.0}], 1, False, local_cores=None) == 64  # through ray://: not this machine
+    # beside another run on a shared cluster: what is free, shared (or one each, to wait for, when nothing is)
+    assert cores_per_worker([{"CPU": 16.0}], 2, False, local_cores=16, free=6) == 3
+    assert cores_per_worker([{"CPU": 16.0}], 2, False, local_cores=16, free=1) == 8
+    assert cores_per_worker([{"CPU": 96.0, "GPU": 8.0}], 2, True, local_cores=96, free=4) == 2
 
 
 @pytest.mark.ray

@@ -176,6 +176,9 @@ def test_init_from_a_hugging_face_folder_is_checked_before_training_and_trains(t
     with pytest.raises(ConfigError, match="hidden_size: the model's 64 vs requested 128"):
         plan_run(TrainConfig(data_dir=str(trained["data"]), save_dir=str(tmp_path / "x"), init_from=hf,
                              **settings, hidden_size=128))
+    with pytest.raises(ConfigError, match=r"model_size: the model's shape \(its config.json\) vs requested 'small'"):
+        plan_run(TrainConfig(data_dir=str(trained["data"]), save_dir=str(tmp_path / "x"), init_from=hf,
+                             **settings, model_size="small"))
     other = tmp_path / "other"
     prepare(PrepareConfig(input_dir=str(write_corpus(tmp_path / "text", seed=1)), output_dir=str(other),
                           vocab_size=280, max_length=32, num_workers=1, min_frequency=1))
@@ -219,10 +222,14 @@ def test_demo_runs_end_to_end_at_a_reduced_size(ray_session, tmp_path, capsys):
     # a folder of one's own work is never the demo's to replace
     mine = tmp_path / "project"
     (mine / "checkpoints" / "final").mkdir(parents=True)  # `raylm train`'s default --save_dir
-    for fresh in (False, True):
-        with pytest.raises(ConfigError, match="not made by raylm demo"):
-            run_demo(DemoConfig(output_dir=str(mine), max_steps=1, fresh=fresh))
-    assert [p.name for p in mine.iterdir()] == ["checkpoints"] and (mine / "checkpoints/final").is_dir()
+    for extra in ([], ["corpus", "processed_data"]):  # ... with folders named like the demo's, not made by it
+        for name in extra:
+            (mine / name).mkdir()
+        for fresh in (False, True):
+            with pytest.raises(ConfigError, match="not made by raylm demo"):
+                run_demo(DemoConfig(output_dir=str(mine), max_steps=1, fresh=fresh))
+        assert sorted(p.name for p in mine.iterdir()) == sorted(["checkpoints", *extra])
+    assert (mine / "checkpoints/final").is_dir()
 
 
 # ----------------------------------------------------------------------------- newcomer errors

@@ -144,7 +144,7 @@ HANDLERS = {"prepare": _cmd_prepare, "train": _cmd_train, "tune": _cmd_tune, "ev
 
 def explain_error(e: BaseException, command: str = "train") -> str | None:
     """The errors a newcomer meets in `command`, answered in a line or two (None: not one of them)."""
-    from raylm.train import SimulatedFailure, TrainingError
+    from raylm.train import SimulatedFailure, TrainingError, is_out_of_memory
 
     text = str(e)
     if isinstance(e, (TrainingError, FloatingPointError, SimulatedFailure)):
@@ -154,8 +154,7 @@ def explain_error(e: BaseException, command: str = "train") -> str | None:
         return (f"cannot reach Ray ({text.splitlines()[0] if text else type(e).__name__}). Check RAY_ADDRESS "
                 "(unset it to start a local Ray) or start the cluster with `ray start --head`; if a cluster "
                 "started on this machine has died, `ray stop` clears its stale address.")
-    lowered = text.lower()
-    if "out of memory" in lowered or "can't allocate memory" in lowered or "cannot allocate memory" in lowered:
+    if is_out_of_memory(text):
         if command not in ("train", "tune"):  # the training advice would not apply
             return f"out of memory: {text.splitlines()[0] if text else type(e).__name__}"
         return ("out of memory: lower --micro_batch_size (the global --batch_size stays the same through "

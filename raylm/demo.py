@@ -24,10 +24,10 @@ DEMO_ENTRIES = {"corpus", "processed_data", "checkpoints", "hf_model"}  # a demo
 
 def _prepared_from(corpus: Path) -> bool:
     """Whether corpus's sibling processed_data/ was prepared from it, as the demo prepares: a demo folder."""
-    import json
+    from raylm.storage import read_json
 
     try:
-        meta = json.loads((corpus.parent / "processed_data" / "metadata.json").read_text())
+        meta = read_json(corpus.parent / "processed_data" / "metadata.json")
         return Path(meta["config"]["input_dir"]).resolve() == corpus.resolve()
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -65,6 +65,7 @@ NEXT_DIR = ".next"  # a run's tokenizer and dataset/ while it builds them; moved
 PREVIOUS_DIR = ".previous"  # the replaced dataset, for the moment of the swap
 OLD_BUILD_DIR = ".dataset-building"  # where raylm 0.x before NEXT_DIR built its rows: removed when seen
 TOKENIZER_STAMP = ".tokenizer-stamp.json"  # which inputs and settings trained the saved tokenizer
+TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_SIDECAR, TOKENIZER_STAMP)  # a dataset's tokenizer, any kind
 SPLITS = ("train", "val")
 FILE_COLUMNS = ("relpath", "skip_reason", "skip_detail", "size", "bad_lines")  # per file, from the workers
 UNIT_BYTES = 4_000_000  # files are handed to workers in units of about this many bytes...
@@ -722,9 +723,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     _print_summary(meta)
     print(f"Wrote {out} in {timings['total']:.1f} s ({meta['text_bytes'] / 1e6 / timings['total']:.1f} MB/s)")
     return meta
-
-
-TOKENIZER_FILES = (HF_FILE, TIKTOKEN_FILE, TIKTOKEN_SIDECAR, TOKENIZER_STAMP)
 
 
 def _remove_if_empty(*folders: Path) -> None:

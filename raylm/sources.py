@@ -94,17 +94,21 @@ def file_uri_path(input_dir: str) -> str | None:
     return unquote(parsed.path)
 
 
+def _local_path(input_dir: str) -> str | None:
+    """The input folder as a local path (a plain path, or a file:// URI's); None for an object store."""
+    return file_uri_path(input_dir) if "://" in input_dir else input_dir
+
+
 def input_filesystem(input_dir: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) of the input folder."""
-    if "://" in input_dir and file_uri_path(input_dir) is None:
-        return pafs.FileSystem.from_uri(input_dir)
-    return storage.filesystem(file_uri_path(input_dir) or input_dir)
+    local = _local_path(input_dir)
+    return pafs.FileSystem.from_uri(input_dir) if local is None else storage.filesystem(local)
 
 
 def reading_filesystem(input_dir: str) -> pafs.FileSystem | None:
     """The filesystem `read_source` reads input_dir's files through: None for a local folder, file://
     included (plain `open`, so symlinks and FIFOs were judged by `discover` first)."""
-    return input_filesystem(input_dir)[0] if "://" in input_dir and file_uri_path(input_dir) is None else None
+    return input_filesystem(input_dir)[0] if _local_path(input_dir) is None else None
 
 
 def _extension(name: str) -> str:
@@ -117,7 +121,7 @@ def discover(input_dir: str, extensions: list[str], max_file_mb: float, exclude:
 
     Raises FileNotFoundError when input_dir does not exist or is not a folder."""
     max_bytes = int(max_file_mb * 1e6)
-    local = file_uri_path(input_dir) if "://" in input_dir else input_dir
+    local = _local_path(input_dir)
     if local is None:  # an object store: no symlinks, FIFOs or devices to judge
         files, skipped, other = _walk_filesystem(input_dir, set(extensions), max_bytes)
     else:

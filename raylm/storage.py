@@ -33,23 +33,27 @@ class UnsafeName(ConfigError):
     """A file name read from a metadata.json, state.json or index file that would leave its folder."""
 
 
+def _is_plain(name) -> bool:
+    """A file name with no folder part, not . or .., not hidden, no backslash: what raylm itself writes."""
+    return isinstance(name, str) and bool(name) and name == PurePosixPath(name).name and not name.startswith(".") \
+        and "\\" not in name
+
+
 def plain_name(name, source: str) -> str:
-    """`name` if it is a plain file name (no folder part, not . or .., not hidden), the kind raylm writes into
-    metadata.json and state.json; UnsafeName otherwise, naming `source`. Such names are joined to the folder
-    that holds the file: one edited (or shared) to say ../secret or /etc/passwd must not read or write there."""
-    if not isinstance(name, str) or not name or name != PurePosixPath(name).name or name.startswith(".") \
-            or "\\" in name:
+    """`name` if it is a plain file name (_is_plain), the kind raylm writes into metadata.json and state.json;
+    UnsafeName otherwise, naming `source`. Such names are joined to the folder that holds the file: one edited
+    (or shared) to say ../secret or /etc/passwd must not read or write there."""
+    if not _is_plain(name):
         raise UnsafeName(f"{source} names the file {name!r}, which is not a plain file name in its folder: "
                          "refusing to read or write outside the folder (was the file edited?)")
     return name
 
 
 def relative_inside(path, source: str) -> str:
-    """`path` if it is a relative path that stays inside its folder (no .., not absolute), as the shard paths
-    in metadata.json are (dataset/train/part-00000.parquet); UnsafeName otherwise."""
-    parts = PurePosixPath(path).parts if isinstance(path, str) else ()
-    if not parts or PurePosixPath(path).is_absolute() or any(p in ("..", ".") or p.startswith(".") for p in parts) \
-            or "\\" in path:
+    """`path` if it is a relative path of plain names (so it stays inside its folder), as the shard paths in
+    metadata.json are (dataset/train/part-00000.parquet); UnsafeName otherwise."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if not parts or not all(_is_plain(part) for part in parts):
         raise UnsafeName(f"{source} names the path {path!r}, which leaves its folder: refusing to read it "
                          "(was the file edited?)")
     return path

@@ -939,7 +939,8 @@ def run_worker(config: dict, session: LocalSession | RaySession | None = None) -
     if is_main:
         waits = np.array(data_wait[1:] or [0.0])
         summary = {"start_step": start_step, "final_step": step, "world_size": world, "strategy": cfg.strategy,
-                   "cpu_threads": torch.get_num_threads(), "tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
+                   "cpu_threads": torch.get_num_threads(),
+                   "tokens_per_sec_warm": warm_tokens / warm_time if warm_time else None,
                    "data_wait_p95_s": float(np.percentile(waits, 95)),
                    "data_wait_p95_fraction": p95_wait_fraction(data_wait, step_times),
                    "nonfinite_steps": nonfinite_total, "final_val_loss": last_val,
@@ -1114,8 +1115,7 @@ def _explain_failure(err, cfg: TrainConfig) -> str:
     if is_out_of_memory(text):
         where = "" if "cuda" in text.lower() or cfg.use_gpu else " (the machine's memory)"
         if cfg.micro_batch_size > 1:
-            smaller = max(1, cfg.micro_batch_size // 2)
-            fix = (f"try --micro_batch_size {smaller} (the global --batch_size {cfg.batch_size} stays the same "
+            fix = (f"try --micro_batch_size {cfg.micro_batch_size // 2} (the global --batch_size {cfg.batch_size} stays the same "
                    "through accumulation)")
         else:
             fix = "a micro batch of 1 is the least: a smaller model or --max_length"

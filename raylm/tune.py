@@ -45,7 +45,7 @@ from ray import tune as ray_tune
 from ray.tune.schedulers import FIFOScheduler
 
 from raylm import checkpoint as ckpt
-from raylm.config import (ConfigError, TrainConfig, TuneConfig, build_config, dump_yaml, load_yaml, to_dict)
+from raylm.config import ConfigError, TrainConfig, TuneConfig, _coerce, build_config, dump_yaml, load_yaml, to_dict
 from raylm.metrics import read_jsonl, save_figure
 from raylm.storage import atomic_write_json, atomic_write_text, is_remote
 
@@ -79,13 +79,13 @@ def build_tune_configs(yaml_path=None, overrides: dict | None = None) -> tuple[T
         return ({k: v for k, v in data.items() if k in tune_keys},
                 {k: v for k, v in data.items() if k not in tune_keys})
 
-    file_data = load_yaml(yaml_path) if yaml_path else {}
-    file_tune, file_train = split(file_data, f"config file {yaml_path}")
+    file_tune, file_train = split(load_yaml(yaml_path) if yaml_path else {}, f"config file {yaml_path}")
     flag_tune, flag_train = split(overrides or {}, "flags")
-    resume = (overrides or {}).get("resume", file_data.get("resume", False))
-    save_dir = (overrides or {}).get("save_dir") or file_data.get("save_dir") or TrainConfig.save_dir
-    saved = Path(save_dir).expanduser().resolve() / SWEEP_CONFIG
-    if resume in (True, "true", "True") and saved.is_file():
+    # read before the configs are built: with --resume, their other settings may be valid only with the saved ones
+    resume = _coerce("resume", bool, flag_tune.get("resume", file_tune.get("resume", False)))
+    saved = Path(flag_train.get("save_dir") or file_train.get("save_dir") or TrainConfig.save_dir)
+    saved = saved.expanduser().resolve() / SWEEP_CONFIG
+    if resume and saved.is_file():  # the saved settings under the file and the flags
         saved_tune, saved_train = split(load_yaml(saved), str(saved))
         file_tune, file_train = saved_tune | file_tune, saved_train | file_train
     return (build_config(TuneConfig, yaml_data=file_tune, overrides=flag_tune),

@@ -263,3 +263,14 @@ def test_raylm_warnings_read_as_one_line_from_the_cli():
     assert ours == "raylm: warning: tokenizer.json not found\n"
     theirs = _format_warning("deprecated", FutureWarning, "/elsewhere/lib.py", 3, "x = 1")
     assert theirs.startswith("/elsewhere/lib.py:3: FutureWarning: deprecated")
+
+
+def test_out_of_memory_advice_fits_the_command():
+    """Training advice (micro batch, checkpointing, raylm plan) for train and tune; other commands get the
+    error's own line, since those flags are not theirs."""
+    from raylm.cli import explain_error
+
+    error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+    assert "--micro_batch_size" in explain_error(error, "train") and "raylm plan" in explain_error(error, "tune")
+    assert explain_error(error, "prepare") == ("out of memory: DefaultCPUAllocator: can't allocate memory: you "
+                                               "tried to allocate 8589934592 bytes")
